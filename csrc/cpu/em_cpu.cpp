@@ -1,0 +1,145 @@
+// CPU glue of the fused EM ops: checks, allocation, and a parallel loop over sets that
+// runs the torch-free per-set kernels of em_set.h.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include "checks.h"
+#include "cpu/em_set.h"
+
+namespace s2m {
+namespace cpu {
+namespace {
+
+void check_cpu_dtype(const at::Tensor& x) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "x must be float32 or float64 on the CPU, got ", x.scalar_type());
+}
+
+template <typename P>
+Trajectory<P> set_trajectory(P* lw, P* mu, P* var, int64_t b, int64_t steps, int64_t B, int64_t K,
+                             int64_t D) {
+  return {lw + b * K, mu + b * K * D, var + b * K * D, B * K, B * K * D, steps};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_fit_cpu(
+    const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& lw_in,
+    const at::Tensor& mu_in, const at::Tensor& var_in, int64_t n_iter, double var_floor,
+    double tol, bool keep_trajectory) {
+  const MixtureSizes m = check_mixture(lw_in, mu_in, var_in);
+  check_points(x_in, w_in, m, mu_in);
+  check_cpu_dtype(x_in);
+  TORCH_CHECK_VALUE(n_iter >= 0, "n_iter must be >= 0, got ", n_iter);
+  check_nonnegative(var_floor, "var_floor");
+  check_nonnegative(tol, "tol");
+
+  const auto x = x_in.contiguous(), w = w_in.contiguous();
+  const auto lw0 = lw_in.contiguous(), mu0 = mu_in.contiguous(), var0 = var_in.contiguous();
+  const int64_t B = m.batch, K = m.components, D = m.dims, N = x.size(1);
+  const int64_t steps = keep_trajectory ? n_iter + 1 : 1;
+  auto lw_traj = at::empty({steps, B, K}, x.options());
+  auto mu_traj = at::empty({steps, B, K, D}, x.options());
+  auto var_traj = at::empty({steps, B, K, D}, x.options());
+  auto loglik = at::empty({B}, x.options());
+  auto used = at::empty({B}, x.options().dtype(at::kLong));
+  auto converged = at::empty({B}, x.options().dtype(at::kBool));
+  const SetShape s{N, D, K};
+  const FitSettings cfg{n_iter, var_floor, tol};
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "s2m::em_fit (cpu)", [&] {
+    using T = scalar_t;
+    const T* xp = x.data_ptr<T>();
+    const T* wp = w.data_ptr<T>();
+    const T *lw0p = lw0.data_ptr<T>(), *mu0p = mu0.data_ptr<T>(), *var0p = var0.data_ptr<T>();
+    T *lwt = lw_traj.data_ptr<T>(), *mut = mu_traj.data_ptr<T>(), *vart = var_traj.data_ptr<T>();
+    T* llp = loglik.data_ptr<T>();
+    int64_t* usedp = used.data_ptr<int64_t>();
+    bool* convp = converged.data_ptr<bool>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      Workspace<T> ws(s);
+      for (int64_t b = begin; b < end; ++b) {
+        ConstParams<T> init(lw0p + b * K, mu0p + b * K * D, var0p + b * K * D);
+        auto traj = set_trajectory(lwt, mut, vart, b, steps, B, K, D);
+        const FitReport r = em_forward_set(xp + b * N * D, wp + b * N, s, init, cfg, traj, ws);
+        llp[b] = T(r.loglik);
+        usedp[b] = r.n_iter;
+        convp[b] = r.converged;
+      }
+    });
+  });
+  return {lw_traj, mu_traj, var_traj, loglik, used, converged};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_fit_backward_cpu(
+    const c10::optional<at::Tensor>& g_lw_in, const c10::optional<at::Tensor>& g_mu_in,
+    const c10::optional<at::Tensor>& g_var_in, const at::Tensor& x_in, const at::Tensor& w_in,
+    const at::Tensor& lw_traj_in, const at::Tensor& mu_traj_in, const at::Tensor& var_traj_in,
+    const at::Tensor& n_iter_used, double var_floor) {
+  const int64_t steps = check_trajectory(lw_traj_in, mu_traj_in, var_traj_in);
+  const MixtureSizes m =
+      check_mixture(lw_traj_in.select(0, 0), mu_traj_in.select(0, 0), var_traj_in.select(0, 0));
+  check_points(x_in, w_in, m, mu_traj_in);
+  check_cpu_dtype(x_in);
+  check_optional_like(g_lw_in, "grad_log_weights", lw_traj_in, "log_weights_traj");
+  check_optional_like(g_mu_in, "grad_means", mu_traj_in, "means_traj");
+  check_optional_like(g_var_in, "grad_variances", var_traj_in, "variances_traj");
+  TORCH_CHECK_VALUE(n_iter_used.dim() == 1 && n_iter_used.size(0) == m.batch &&
+                        n_iter_used.scalar_type() == at::kLong,
+                    "n_iter_used must be an int64 tensor of shape (B,) = (", m.batch, "), got ",
+                    n_iter_used.scalar_type(), " of shape ", n_iter_used.sizes());
+  check_nonnegative(var_floor, "var_floor");
+  const auto used = n_iter_used.contiguous();
+  const int64_t* usedp = used.data_ptr<int64_t>();
+  for (int64_t b = 0; b < m.batch; ++b) {
+    TORCH_CHECK_VALUE(usedp[b] >= 0 && usedp[b] < steps, "n_iter_used[", b, "] = ", usedp[b],
+                      " needs a trajectory of more than ", usedp[b], " steps, got ", steps,
+                      " (was em_fit called with keep_trajectory=False?)");
+  }
+
+  const int64_t B = m.batch, K = m.components, D = m.dims, N = x_in.size(1);
+  const auto x = x_in.contiguous(), w = w_in.contiguous();
+  const auto lwt = lw_traj_in.contiguous(), mut = mu_traj_in.contiguous(), vart = var_traj_in.contiguous();
+  const bool has_grad = g_lw_in.has_value() || g_mu_in.has_value() || g_var_in.has_value();
+  auto materialise = [&](const c10::optional<at::Tensor>& g, const at::Tensor& like) {
+    return g.has_value() ? g->contiguous() : at::zeros_like(like);
+  };
+  const auto g_lw = materialise(g_lw_in, lwt), g_mu = materialise(g_mu_in, mut),
+             g_var = materialise(g_var_in, vart);
+
+  auto g_x = at::empty_like(x);
+  auto g_w = at::empty_like(w);
+  auto g_lw0 = at::empty({B, K}, x.options());
+  auto g_mu0 = at::empty({B, K, D}, x.options());
+  auto g_var0 = at::empty({B, K, D}, x.options());
+  const SetShape s{N, D, K};
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "s2m::em_fit_backward (cpu)", [&] {
+    using T = scalar_t;
+    const T *xp = x.data_ptr<T>(), *wp = w.data_ptr<T>();
+    const T *lwp = lwt.data_ptr<T>(), *mup = mut.data_ptr<T>(), *varp = vart.data_ptr<T>();
+    const T *glwp = g_lw.data_ptr<T>(), *gmup = g_mu.data_ptr<T>(), *gvarp = g_var.data_ptr<T>();
+    T *gxp = g_x.data_ptr<T>(), *gwp = g_w.data_ptr<T>();
+    T *glw0p = g_lw0.data_ptr<T>(), *gmu0p = g_mu0.data_ptr<T>(), *gvar0p = g_var0.data_ptr<T>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      Workspace<T> ws(s);
+      for (int64_t b = begin; b < end; ++b) {
+        auto traj = set_trajectory(lwp, mup, varp, b, steps, B, K, D);
+        auto gtraj = set_trajectory(glwp, gmup, gvarp, b, steps, B, K, D);
+        Params<T> g_init{glw0p + b * K, gmu0p + b * K * D, gvar0p + b * K * D};
+        em_backward_set(xp + b * N * D, wp + b * N, s, usedp[b], T(var_floor), traj, gtraj,
+                        has_grad, gxp + b * N * D, gwp + b * N, g_init, ws);
+      }
+    });
+  });
+  return {g_x, g_w, g_lw0, g_mu0, g_var0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s2m, CPU, m) {
+  m.impl("em_fit", &em_fit_cpu);
+  m.impl("em_fit_backward", &em_fit_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace s2m

@@ -1,0 +1,400 @@
+// Batched weighted EM for diagonal GMMs on the CPU: one set at a time (the glue in
+// em_cpu.cpp runs sets in parallel). Torch-free.
+//
+// Forward: T iterations of E-step (responsibilities under theta_{t-1}) then M-step
+// (theta_t), optionally writing every theta_t to a trajectory. Backward: reverse-mode
+// through the iterations from the saved trajectory, recomputing each E-step; memory per
+// set O(N*K + K*D), never (T,N,K,D).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/gmm_math.h"
+#include "cpu/diag_gauss.h"
+
+namespace s2m {
+namespace cpu {
+
+struct SetShape {
+  int64_t n;  // points
+  int64_t d;  // dimensions
+  int64_t k;  // components
+};
+
+// One mixture's parameters: log weights (K), means (K,D), variances (K,D).
+template <typename T>
+struct Params {
+  T* log_weights;
+  T* means;
+  T* variances;
+};
+
+template <typename T>
+struct ConstParams {
+  const T* log_weights;
+  const T* means;
+  const T* variances;
+  ConstParams(const T* lw, const T* mu, const T* var) : log_weights(lw), means(mu), variances(var) {}
+  ConstParams(const Params<T>& p) : log_weights(p.log_weights), means(p.means), variances(p.variances) {}
+  ConstParams(const Params<const T>& p) : log_weights(p.log_weights), means(p.means), variances(p.variances) {}
+};
+
+// A (steps, B, K[, D]) trajectory seen from one set: step t of this set's parameters.
+template <typename P>
+struct Trajectory {
+  P* log_weights;  // set's entry at step 0
+  P* means;
+  P* variances;
+  int64_t step_k;   // elements between steps of log_weights: B*K
+  int64_t step_kd;  // elements between steps of means/variances: B*K*D
+  int64_t steps;
+  Params<P> at(int64_t t) const {
+    return {log_weights + t * step_k, means + t * step_kd, variances + t * step_kd};
+  }
+};
+
+template <typename T>
+void copy_params(ConstParams<T> src, Params<T> dst, SetShape s) {
+  std::copy(src.log_weights, src.log_weights + s.k, dst.log_weights);
+  std::copy(src.means, src.means + s.k * s.d, dst.means);
+  std::copy(src.variances, src.variances + s.k * s.d, dst.variances);
+}
+
+template <typename T>
+void add_params(ConstParams<T> src, Params<T> dst, SetShape s) {
+  for (int64_t i = 0; i < s.k; ++i) dst.log_weights[i] += src.log_weights[i];
+  for (int64_t i = 0; i < s.k * s.d; ++i) dst.means[i] += src.means[i];
+  for (int64_t i = 0; i < s.k * s.d; ++i) dst.variances[i] += src.variances[i];
+}
+
+template <typename T>
+void zero_params(Params<T> dst, SetShape s) {
+  std::fill(dst.log_weights, dst.log_weights + s.k, T(0));
+  std::fill(dst.means, dst.means + s.k * s.d, T(0));
+  std::fill(dst.variances, dst.variances + s.k * s.d, T(0));
+}
+
+// Per-thread scratch of one set problem, reused across the sets a thread handles.
+template <typename T>
+struct Workspace {
+  std::vector<T> buf;
+  T *resp, *aux_nk, *inv_var, *log_norm, *l, *nk, *s2;
+  T *theta_a, *theta_b, *grad_a, *grad_b;  // param-sized blocks (K + 2KD)
+  explicit Workspace(SetShape s) {
+    const int64_t per_point = s.n * s.k, kd = s.k * s.d, p = s.k + 2 * kd;
+    buf.assign(2 * per_point + kd + 3 * s.k + kd + 4 * p, T(0));
+    T* it = buf.data();
+    resp = it; it += per_point;
+    aux_nk = it; it += per_point;
+    inv_var = it; it += kd;
+    log_norm = it; it += s.k;
+    l = it; it += s.k;
+    nk = it; it += s.k;
+    s2 = it; it += kd;
+    theta_a = it; it += p;
+    theta_b = it; it += p;
+    grad_a = it; it += p;
+    grad_b = it;
+  }
+  static Params<T> as_params(T* block, SetShape s) {
+    return {block, block + s.k, block + s.k + s.k * s.d};
+  }
+};
+
+template <typename T>
+T total_weight(const T* w, int64_t n) {
+  T total = 0;
+  for (int64_t i = 0; i < n; ++i) total += w[i];
+  return total;
+}
+
+// E-step under theta: responsibilities into ws.resp (N,K) if want_resp, and the
+// weighted log-likelihood sum_n w_n log p(x_n). Leaves inv_var/log_norm of theta in ws.
+template <typename T>
+T e_step(const T* x, const T* w, SetShape s, ConstParams<T> theta, Workspace<T>& ws,
+         bool want_resp) {
+  precompute_components(theta.log_weights, theta.variances, s.k, s.d, ws.inv_var, ws.log_norm);
+  T loglik = 0;
+  for (int64_t n = 0; n < s.n; ++n) {
+    T* resp = want_resp ? ws.resp + n * s.k : nullptr;
+    const T lse =
+        point_log_densities(x + n * s.d, theta.means, ws.inv_var, ws.log_norm, s.k, s.d, ws.l, resp);
+    if (w[n] != T(0)) loglik += w[n] * lse;
+  }
+  return loglik;
+}
+
+// Nk = sum_n w_n r_nk. Forward and backward both call this so that they take the same
+// alive/dead decisions bit for bit.
+template <typename T>
+void component_mass(const T* w, const T* resp, SetShape s, T* nk) {
+  std::fill(nk, nk + s.k, T(0));
+  for (int64_t n = 0; n < s.n; ++n) {
+    if (w[n] == T(0)) continue;
+    for (int64_t k = 0; k < s.k; ++k) nk[k] += w[n] * resp[n * s.k + k];
+  }
+}
+
+// M-step from ws.resp: theta_next from the weighted moments, theta_prev for dead components.
+template <typename T>
+void m_step(const T* x, const T* w, T total_w, SetShape s, ConstParams<T> prev, Params<T> next,
+            T var_floor, Workspace<T>& ws) {
+  const int64_t D = s.d, K = s.k;
+  component_mass(w, ws.resp, s, ws.nk);
+  std::fill(next.means, next.means + K * D, T(0));
+  for (int64_t n = 0; n < s.n; ++n) {
+    if (w[n] == T(0)) continue;
+    const T* xn = x + n * D;
+    for (int64_t k = 0; k < K; ++k) {
+      const T q = w[n] * ws.resp[n * K + k];
+      T* s1 = next.means + k * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) s1[d] += q * xn[d];
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    T* mu = next.means + k * D;
+    if (component_alive(ws.nk[k], total_w)) {
+      for (int64_t d = 0; d < D; ++d) mu[d] /= ws.nk[k];
+    } else {
+      std::copy(prev.means + k * D, prev.means + (k + 1) * D, mu);
+    }
+  }
+  // Centred second moment at the new means (never E[x^2] - mu^2).
+  std::fill(ws.s2, ws.s2 + K * D, T(0));
+  for (int64_t n = 0; n < s.n; ++n) {
+    if (w[n] == T(0)) continue;
+    const T* xn = x + n * D;
+    for (int64_t k = 0; k < K; ++k) {
+      if (!component_alive(ws.nk[k], total_w)) continue;
+      const T q = w[n] * ws.resp[n * K + k];
+      const T* mu = next.means + k * D;
+      T* s2 = ws.s2 + k * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        const T diff = xn[d] - mu[d];
+        s2[d] += q * diff * diff;
+      }
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    T* var = next.variances + k * D;
+    if (component_alive(ws.nk[k], total_w)) {
+      for (int64_t d = 0; d < D; ++d) var[d] = floored_variance(ws.s2[k * D + d] / ws.nk[k], var_floor);
+    } else {
+      std::copy(prev.variances + k * D, prev.variances + (k + 1) * D, var);
+    }
+    next.log_weights[k] = updated_log_weight(ws.nk[k], total_w, prev.log_weights[k]);
+  }
+}
+
+struct FitSettings {
+  int64_t n_iter;
+  double var_floor;
+  double tol;  // per-set stop when |mean loglik change| < tol (scikit-learn's rule); 0: never
+};
+
+struct FitReport {
+  double loglik;  // mean weighted log-likelihood of the returned parameters
+  int64_t n_iter;
+  bool converged;
+};
+
+// T iterations of EM for one set. traj.steps is n_iter + 1 (every theta_t kept) or 1 (only
+// the final parameters, written to step 0).
+template <typename T>
+FitReport em_forward_set(const T* x, const T* w, SetShape s, ConstParams<T> init,
+                         FitSettings cfg, Trajectory<T> traj, Workspace<T>& ws) {
+  const bool keep = traj.steps > 1;
+  const T var_floor = T(cfg.var_floor);
+  const T total_w = total_weight(w, s.n);
+  // Mean log-likelihood; a set without weight reports 0 (only reachable with validation off).
+  auto mean_ll = [&](T sum) { return total_w > T(0) ? double(sum / total_w) : 0.0; };
+
+  Params<T> cur = Workspace<T>::as_params(ws.theta_a, s);
+  Params<T> next = Workspace<T>::as_params(ws.theta_b, s);
+  copy_params(init, cur, s);
+  if (keep) copy_params(init, traj.at(0), s);
+
+  FitReport report{0.0, 0, false};
+  double ll_prev = -std::numeric_limits<double>::infinity();
+  double ll_theta1 = 0.0;  // K = 1: every iterate from theta_1 on is theta_1
+  for (int64_t t = 1; t <= cfg.n_iter; ++t) {
+    double ll;
+    if (s.k == 1 && t >= 2) {
+      // One component: r = 1, so the M-step gives theta_1 again whatever theta_{t-1} is.
+      if (t == 2) ll_theta1 = mean_ll(e_step(x, w, s, ConstParams<T>(cur), ws, false));
+      ll = ll_theta1;
+    } else {
+      ll = mean_ll(e_step(x, w, s, ConstParams<T>(cur), ws, true));
+      m_step(x, w, total_w, s, ConstParams<T>(cur), next, var_floor, ws);
+      std::swap(cur, next);
+    }
+    report.n_iter = t;
+    if (keep) copy_params(ConstParams<T>(cur), traj.at(t), s);
+    if (cfg.tol > 0 && std::abs(ll - ll_prev) < cfg.tol) {
+      report.converged = true;
+      break;
+    }
+    ll_prev = ll;
+  }
+  if (keep) {
+    for (int64_t t = report.n_iter + 1; t < traj.steps; ++t) copy_params(ConstParams<T>(cur), traj.at(t), s);
+  } else {
+    copy_params(ConstParams<T>(cur), traj.at(0), s);
+  }
+  report.loglik = (s.k == 1 && report.n_iter >= 2)
+                      ? ll_theta1
+                      : mean_ll(e_step(x, w, s, ConstParams<T>(cur), ws, false));
+  return report;
+}
+
+// Reverse of one M-step theta_t = M(x, w, r(theta_{t-1})) given g = dL/dtheta_t and the
+// responsibilities in ws.resp (ws.nk must hold component_mass of them). Adds the direct
+// contributions to g_x (N,D) and g_w (N) and writes dL/dl (N,K) into ws.aux_nk.
+template <typename T>
+void m_step_backward(const T* x, const T* w, T total_w, SetShape s, ConstParams<T> theta_t,
+                     ConstParams<T> g, Workspace<T>& ws, T* g_x, T* g_w) {
+  const int64_t N = s.n, D = s.d, K = s.k;
+  // Effective upstream gradients: dead components pass theirs back unchanged (handled by
+  // the caller), a clamped variance has no gradient.
+  Params<T> geff = Workspace<T>::as_params(ws.grad_b, s);  // scratch: caller refills grad_b
+  for (int64_t k = 0; k < K; ++k) {
+    const bool alive = component_alive(ws.nk[k], total_w);
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t i = k * D + d;
+      geff.means[i] = alive ? g.means[i] : T(0);
+      geff.variances[i] = (alive && !variance_clamped(theta_t.variances[i])) ? g.variances[i] : T(0);
+    }
+  }
+  // Pass over points: pa[n,k] = sum_d (gmu + gv*delta)*delta with delta = x - mu_t, the
+  // centred second moment S2 (recomputed exactly), and the direct gradient of x.
+  T* pa = ws.aux_nk;
+  std::fill(ws.s2, ws.s2 + K * D, T(0));
+  for (int64_t n = 0; n < N; ++n) {
+    const T* xn = x + n * D;
+    T* gxn = g_x + n * D;
+    for (int64_t k = 0; k < K; ++k) {
+      T acc = 0;
+      if (component_alive(ws.nk[k], total_w)) {
+        const T q = w[n] * ws.resp[n * K + k];
+        const T qn = q / ws.nk[k];
+        const T* mu = theta_t.means + k * D;
+        const T* gm = geff.means + k * D;
+        const T* gv = geff.variances + k * D;
+        T* s2 = ws.s2 + k * D;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) {
+          const T delta = xn[d] - mu[d];
+          acc += (gm[d] + gv[d] * delta) * delta;
+          s2[d] += q * delta * delta;
+          gxn[d] += qn * (gm[d] + T(2) * gv[d] * delta);
+        }
+      }
+      pa[n * K + k] = acc;
+    }
+  }
+  // dL/dq[n,k] = (a_k + pa[n,k] - sum_d gv_kd S2_kd / Nk) / Nk with a_k the log weight's gradient.
+  T w_term = 0;  // d(-log W)/dw_n, the same for every n
+  for (int64_t k = 0; k < K; ++k) {
+    const T nk = ws.nk[k];
+    const bool alive = component_alive(nk, total_w);
+    const bool lw_live = log_weight_from_data(nk, total_w);
+    T c = 0;
+    if (alive) {
+      const T* gv = geff.variances + k * D;
+      const T* s2 = ws.s2 + k * D;
+      for (int64_t d = 0; d < D; ++d) c += gv[d] * s2[d];
+      c /= nk;
+    }
+    const T a = lw_live ? g.log_weights[k] : T(0);
+    if (lw_live) w_term += a / total_w;
+    for (int64_t n = 0; n < N; ++n) {
+      T gq = 0;
+      if (alive) gq += pa[n * K + k] - c;
+      if (lw_live) gq += a;
+      pa[n * K + k] = (alive || lw_live) ? gq / nk : T(0);
+    }
+  }
+  // Through q = w r: dL/dw_n += sum_k r g_q; dL/dr = w g_q; then the softmax.
+  T* g_resp = ws.l;  // K scratch
+  for (int64_t n = 0; n < N; ++n) {
+    T* gq = pa + n * K;
+    const T* r = ws.resp + n * K;
+    T gw = -w_term;
+    for (int64_t k = 0; k < K; ++k) {
+      gw += r[k] * gq[k];
+      g_resp[k] = w[n] * gq[k];
+    }
+    g_w[n] += gw;
+    softmax_backward(r, g_resp, K, gq);  // in place: pa becomes dL/dl
+  }
+}
+
+// Gradients of L = <g_traj, trajectory> with respect to x, w and the initial parameters.
+// n_used: iterations this set ran (its trajectory is constant after it).
+template <typename T>
+void em_backward_set(const T* x, const T* w, SetShape s, int64_t n_used, T var_floor,
+                     Trajectory<const T> traj, Trajectory<const T> g_traj, bool has_g_traj,
+                     T* g_x, T* g_w, Params<T> g_init, Workspace<T>& ws) {
+  (void)var_floor;  // the floor enters only through S2 + floor; its derivative is not needed
+  const T total_w = total_weight(w, s.n);
+  std::fill(g_x, g_x + s.n * s.d, T(0));
+  std::fill(g_w, g_w + s.n, T(0));
+  Params<T> g = Workspace<T>::as_params(ws.grad_a, s);
+  zero_params(g, s);
+  auto add_step_grad = [&](int64_t t, Params<T> dst) {
+    if (has_g_traj) add_params(ConstParams<T>(g_traj.at(t)), dst, s);
+  };
+  // The trajectory is constant after n_used: gradients on those copies all reach theta_{n_used}.
+  for (int64_t t = n_used; t < traj.steps; ++t) add_step_grad(t, g);
+  if (n_used == 0) {
+    copy_params(ConstParams<T>(g), g_init, s);
+    return;
+  }
+
+  const bool single = s.k == 1;
+  // K = 1: every step is the same map of (x, w), independent of theta_{t-1} (r = 1 and
+  // softmax has zero Jacobian), so one M-step backward with the summed gradient is exact.
+  if (single) {
+    for (int64_t t = 1; t < n_used; ++t) add_step_grad(t, g);
+  }
+  const int64_t t_last = single ? 1 : n_used;
+  for (int64_t t = t_last; t >= 1; --t) {
+    ConstParams<T> prev(traj.at(t - 1));
+    ConstParams<T> theta_t(traj.at(t));
+    e_step(x, w, s, prev, ws, true);  // also leaves inv_var of theta_{t-1} in ws
+    component_mass(w, ws.resp, s, ws.nk);
+    m_step_backward(x, w, total_w, s, theta_t, ConstParams<T>(g), ws, g_x, g_w);
+
+    Params<T> g_prev = Workspace<T>::as_params(ws.grad_b, s);
+    zero_params(g_prev, s);
+    for (int64_t k = 0; k < s.k; ++k) {
+      if (!(total_w > T(0))) g_prev.log_weights[k] += g.log_weights[k];
+      if (!component_alive(ws.nk[k], total_w)) {
+        for (int64_t d = 0; d < s.d; ++d) {
+          g_prev.means[k * s.d + d] += g.means[k * s.d + d];
+          g_prev.variances[k * s.d + d] += g.variances[k * s.d + d];
+        }
+      }
+    }
+    if (!single) {
+      for (int64_t n = 0; n < s.n; ++n) {
+        point_log_densities_backward(x + n * s.d, prev.means, ws.inv_var, ws.aux_nk + n * s.k,
+                                     s.k, s.d, g_prev.log_weights, g_prev.means,
+                                     g_prev.variances, g_x + n * s.d);
+      }
+    }
+    add_step_grad(t - 1, g_prev);
+    copy_params(ConstParams<T>(g_prev), g, s);
+  }
+  copy_params(ConstParams<T>(g), g_init, s);
+}
+
+}  // namespace cpu
+}  // namespace s2m

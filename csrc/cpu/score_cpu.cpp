@@ -1,0 +1,109 @@
+// CPU glue and kernels of paired scoring: z (B,Q,D) against its own set's mixture -> (B,Q).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <vector>
+
+#include "checks.h"
+#include "cpu/diag_gauss.h"
+
+namespace s2m {
+namespace cpu {
+namespace {
+
+MixtureSizes check_paired(const at::Tensor& z, const at::Tensor& lw, const at::Tensor& mu,
+                          const at::Tensor& var) {
+  const MixtureSizes m = check_mixture(lw, mu, var);
+  check_dim(z, "z", 3, "(B, Q, D)");
+  check_like(z, "z", mu, "means");
+  check_size(z, "z", 0, m.batch, "the batch size B of the mixture");
+  check_size(z, "z", 2, m.dims, "the dimension D of the mixture");
+  TORCH_CHECK_TYPE(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
+                   "z must be float32 or float64 on the CPU, got ", z.scalar_type());
+  return m;
+}
+
+at::Tensor score_paired_cpu(const at::Tensor& z_in, const at::Tensor& lw_in, const at::Tensor& mu_in,
+                            const at::Tensor& var_in) {
+  const MixtureSizes m = check_paired(z_in, lw_in, mu_in, var_in);
+  const auto z = z_in.contiguous(), lw = lw_in.contiguous(), mu = mu_in.contiguous(),
+             var = var_in.contiguous();
+  const int64_t B = m.batch, K = m.components, D = m.dims, Q = z.size(1);
+  auto out = at::empty({B, Q}, z.options());
+  auto inv_var = at::empty({B, K, D}, z.options());
+  auto log_norm = at::empty({B, K}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "s2m::score_paired (cpu)", [&] {
+    using T = scalar_t;
+    const T *zp = z.data_ptr<T>(), *lwp = lw.data_ptr<T>(), *mup = mu.data_ptr<T>(),
+            *varp = var.data_ptr<T>();
+    T *ivp = inv_var.data_ptr<T>(), *lnp = log_norm.data_ptr<T>(), *outp = out.data_ptr<T>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        precompute_components(lwp + b * K, varp + b * K * D, K, D, ivp + b * K * D, lnp + b * K);
+    });
+    at::parallel_for(0, B * Q, 64, [&](int64_t begin, int64_t end) {
+      std::vector<T> l(K);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / Q;
+        outp[i] = point_log_densities(zp + i * D, mup + b * K * D, ivp + b * K * D, lnp + b * K, K,
+                                      D, l.data(), static_cast<T*>(nullptr));
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_paired_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& z_in, const at::Tensor& lw_in,
+    const at::Tensor& mu_in, const at::Tensor& var_in) {
+  const MixtureSizes m = check_paired(z_in, lw_in, mu_in, var_in);
+  check_dim(grad_in, "grad", 2, "(B, Q)");
+  check_like(grad_in, "grad", z_in, "z");
+  TORCH_CHECK_VALUE(grad_in.size(0) == m.batch && grad_in.size(1) == z_in.size(1),
+                    "grad must have shape (B, Q) = (", m.batch, ", ", z_in.size(1), "), got ",
+                    grad_in.sizes());
+  const auto grad = grad_in.contiguous(), z = z_in.contiguous(), lw = lw_in.contiguous(),
+             mu = mu_in.contiguous(), var = var_in.contiguous();
+  const int64_t B = m.batch, K = m.components, D = m.dims, Q = z.size(1);
+  auto g_z = at::zeros_like(z);
+  auto g_lw = at::zeros_like(lw);
+  auto g_mu = at::zeros_like(mu);
+  auto g_var = at::zeros_like(var);
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "s2m::score_paired_backward (cpu)", [&] {
+    using T = scalar_t;
+    const T *gp = grad.data_ptr<T>(), *zp = z.data_ptr<T>(), *lwp = lw.data_ptr<T>(),
+            *mup = mu.data_ptr<T>(), *varp = var.data_ptr<T>();
+    T *gzp = g_z.data_ptr<T>(), *glwp = g_lw.data_ptr<T>(), *gmup = g_mu.data_ptr<T>(),
+      *gvarp = g_var.data_ptr<T>();
+    // One set per task: its parameter gradients are sums over its own queries only.
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> inv_var(K * D), log_norm(K), l(K), resp(K), g_l(K);
+      for (int64_t b = begin; b < end; ++b) {
+        const T* means = mup + b * K * D;
+        precompute_components(lwp + b * K, varp + b * K * D, K, D, inv_var.data(), log_norm.data());
+        for (int64_t q = 0; q < Q; ++q) {
+          const int64_t i = b * Q + q;
+          if (gp[i] == T(0)) continue;
+          point_log_densities(zp + i * D, means, inv_var.data(), log_norm.data(), K, D, l.data(),
+                              resp.data());
+          for (int64_t k = 0; k < K; ++k) g_l[k] = gp[i] * resp[k];
+          point_log_densities_backward(zp + i * D, means, inv_var.data(), g_l.data(), K, D,
+                                       glwp + b * K, gmup + b * K * D, gvarp + b * K * D,
+                                       gzp + i * D);
+        }
+      }
+    });
+  });
+  return {g_z, g_lw, g_mu, g_var};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s2m, CPU, m) {
+  m.impl("score_paired", &score_paired_cpu);
+  m.impl("score_paired_backward", &score_paired_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace s2m

@@ -1,0 +1,71 @@
+// Op schemas of the s2m namespace and the Python module s2m_ext._C.
+//
+// Kernels register per dispatch key in their own folders: cpu/ (CPU), cuda/ (CUDA), and
+// score_pool.cpp (CompositeExplicitAutograd: ATen matrix products on any device).
+// Autograd and fake (meta) implementations are registered in Python (s2m_ext/_ops.py).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifdef S2M_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+TORCH_LIBRARY(s2m, m) {
+  // T EM iterations for B weighted sets. Returns (log_weights, means, variances) for every
+  // step 0..T if keep_trajectory (leading dim T+1, needed for the backward) else only the
+  // final ones (leading dim 1); the mean weighted log-likelihood of the returned parameters
+  // (B); the iterations each set ran (B, int64) and whether it met tol (B, bool).
+  m.def(
+      "em_fit(Tensor x, Tensor weights, Tensor log_weights, Tensor means, Tensor variances, "
+      "int n_iter, float var_floor, float tol, bool keep_trajectory) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Reverse-mode of em_fit from its trajectory: gradients for x, weights and the initial
+  // (log_weights, means, variances), given gradients on the whole trajectory.
+  m.def(
+      "em_fit_backward(Tensor? grad_log_weights, Tensor? grad_means, Tensor? grad_variances, "
+      "Tensor x, Tensor weights, Tensor log_weights_traj, Tensor means_traj, "
+      "Tensor variances_traj, Tensor n_iter_used, float var_floor) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // log p(z[b,q]) under mixture b: (B,Q,D) -> (B,Q).
+  m.def("score_paired(Tensor z, Tensor log_weights, Tensor means, Tensor variances) -> Tensor");
+  m.def(
+      "score_paired_backward(Tensor grad, Tensor z, Tensor log_weights, Tensor means, "
+      "Tensor variances) -> (Tensor, Tensor, Tensor, Tensor)");
+  // log p(z[m]) under every mixture b: (M,D) -> (B,M).
+  m.def("score_pool(Tensor z, Tensor log_weights, Tensor means, Tensor variances) -> Tensor");
+  m.def(
+      "score_pool_backward(Tensor grad, Tensor z, Tensor log_weights, Tensor means, "
+      "Tensor variances) -> (Tensor, Tensor, Tensor, Tensor)");
+  // k-means++ seeding: indices (B,K) of the chosen points, from uniforms (B,K) in [0,1).
+  m.def("kmeanspp(Tensor x, Tensor weights, Tensor uniforms) -> Tensor");
+}
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+#ifdef S2M_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                         std::to_string((CUDART_VERSION % 1000) / 10);
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = py::none();
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                          std::to_string(TORCH_VERSION_MINOR) + "." +
+                          std::to_string(TORCH_VERSION_PATCH);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "s2m_ext kernels; the ops live in torch.ops.s2m";
+  m.def("build_info", &build_info, "How this extension was built (CUDA, OpenMP, torch version).");
+}

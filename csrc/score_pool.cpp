@@ -1,0 +1,129 @@
+// Pool scoring: every item of a shared pool z (M,D) against every one of B mixtures -> (B,M).
+//
+// Written once with ATen ops for all devices (CPU BLAS, cuBLAS): the quadratic form is
+// expanded so that the work is two matrix products over the pool,
+//   l[m,(b,k)] = c_bk + z_m . (mu_bk / v_bk) - 1/2 z_m^2 . (1 / v_bk),
+//   c_bk       = log pi_bk - 1/2 sum_d (log(2 pi v_bkd) + mu_bkd^2 / v_bkd).
+// The expansion cancels when z is close to mu and both are far from the origin, so z and mu
+// are first shifted by a common centre (the mean of all component means): the result is
+// invariant to the shift, and the cancellation is then relative to the spread of the data
+// around that centre rather than to its distance from the origin. The pool is processed in
+// chunks so the (chunk, B*K) intermediate stays bounded.
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+
+#include "checks.h"
+#include "common/gmm_math.h"
+
+namespace s2m {
+namespace {
+
+constexpr int64_t kChunkElements = int64_t(1) << 24;  // (rows x B*K) entries per chunk
+
+struct PoolTerms {
+  at::Tensor center;   // (D)
+  at::Tensor mc;       // (BK, D) centred means
+  at::Tensor inv_var;  // (BK, D)
+  at::Tensor a;        // (BK, D) mc / v
+  at::Tensor c;        // (BK)
+};
+
+MixtureSizes check_pool(const at::Tensor& z, const at::Tensor& lw, const at::Tensor& mu,
+                        const at::Tensor& var) {
+  const MixtureSizes m = check_mixture(lw, mu, var);
+  check_dim(z, "z", 2, "(M, D)");
+  check_like(z, "z", mu, "means");
+  check_size(z, "z", 1, m.dims, "the dimension D of the mixtures");
+  return m;
+}
+
+PoolTerms pool_terms(const at::Tensor& lw, const at::Tensor& mu, const at::Tensor& var,
+                     const MixtureSizes& m) {
+  const int64_t BK = m.batch * m.components, D = m.dims;
+  PoolTerms t;
+  const auto mu2 = mu.reshape({BK, D});
+  const auto var2 = var.reshape({BK, D});
+  t.center = BK > 0 ? mu2.mean(0) : at::zeros({D}, mu.options());
+  t.mc = mu2 - t.center;
+  t.inv_var = var2.reciprocal();
+  t.a = t.mc * t.inv_var;
+  t.c = lw.reshape({BK}) - 0.5 * (double(D) * kLog2Pi + var2.log().sum(1)) -
+        0.5 * (t.mc * t.a).sum(1);
+  return t;
+}
+
+int64_t chunk_rows(const MixtureSizes& m) {
+  return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, m.batch * m.components));
+}
+
+// l for rows [row0, row0 + rows) of the pool: (rows, B*K).
+at::Tensor chunk_log_densities(const at::Tensor& zc, const PoolTerms& t) {
+  auto l = at::addmm(t.c, zc, t.a.t());
+  l.addmm_(zc.square(), t.inv_var.t(), /*beta=*/1.0, /*alpha=*/-0.5);
+  return l;
+}
+
+at::Tensor score_pool(const at::Tensor& z, const at::Tensor& lw, const at::Tensor& mu,
+                      const at::Tensor& var) {
+  const MixtureSizes m = check_pool(z, lw, mu, var);
+  const int64_t M = z.size(0), B = m.batch, K = m.components;
+  auto out = at::empty({B, M}, z.options());
+  if (M == 0 || B == 0) return out;
+  const PoolTerms t = pool_terms(lw, mu, var, m);
+  const int64_t rows = chunk_rows(m);
+  for (int64_t r0 = 0; r0 < M; r0 += rows) {
+    const int64_t r = std::min(rows, M - r0);
+    const auto zc = z.narrow(0, r0, r) - t.center;
+    const auto l = chunk_log_densities(zc, t).view({r, B, K});
+    out.narrow(1, r0, r).copy_(l.logsumexp(2).t());
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_pool_backward(
+    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& lw, const at::Tensor& mu,
+    const at::Tensor& var) {
+  const MixtureSizes m = check_pool(z, lw, mu, var);
+  const int64_t M = z.size(0), B = m.batch, K = m.components, D = m.dims, BK = B * K;
+  check_dim(grad, "grad", 2, "(B, M)");
+  check_like(grad, "grad", z, "z");
+  TORCH_CHECK_VALUE(grad.size(0) == B && grad.size(1) == M, "grad must have shape (B, M) = (", B,
+                    ", ", M, "), got ", grad.sizes());
+  auto g_z = at::zeros_like(z);
+  auto colsum = at::zeros({BK}, z.options());     // sum_m g_l
+  auto zsum = at::zeros({BK, D}, z.options());    // sum_m g_l zc
+  auto z2sum = at::zeros({BK, D}, z.options());   // sum_m g_l zc^2
+  if (M > 0 && B > 0) {
+    const PoolTerms t = pool_terms(lw, mu, var, m);
+    const int64_t rows = chunk_rows(m);
+    for (int64_t r0 = 0; r0 < M; r0 += rows) {
+      const int64_t r = std::min(rows, M - r0);
+      const auto zc = z.narrow(0, r0, r) - t.center;
+      const auto resp = chunk_log_densities(zc, t).view({r, B, K}).softmax(2);
+      const auto g_l = (resp * grad.narrow(1, r0, r).t().unsqueeze(2)).reshape({r, BK});
+      // dL/dz = sum_bk g_l (mu - z) / v
+      g_z.narrow(0, r0, r).copy_(at::mm(g_l, t.a) - zc * at::mm(g_l, t.inv_var));
+      colsum.add_(g_l.sum(0));
+      zsum.addmm_(g_l.t(), zc);
+      z2sum.addmm_(g_l.t(), zc.square());
+    }
+    const auto cs = colsum.unsqueeze(1);
+    // sum_m g_l (z - mu) / v and sum_m g_l ((z - mu)^2 / v^2 - 1 / v) / 2, expanded around mc.
+    auto g_mu = (zsum - t.mc * cs) * t.inv_var;
+    auto sq = z2sum - 2.0 * t.mc * zsum + t.mc.square() * cs;
+    auto g_var = 0.5 * t.inv_var.square() * sq - 0.5 * cs * t.inv_var;
+    return {g_z, colsum.view({B, K}), g_mu.view({B, K, D}), g_var.view({B, K, D})};
+  }
+  return {g_z, colsum.view({B, K}), zsum.view({B, K, D}), z2sum.view({B, K, D})};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(s2m, CompositeExplicitAutograd, m) {
+  m.impl("score_pool", &score_pool);
+  m.impl("score_pool_backward", &score_pool_backward);
+}
+
+}  // namespace s2m

@@ -1,0 +1,115 @@
+"""Argument checking shared by the public API.
+
+Two kinds of checks:
+
+* structural (type, ndim, shape, dtype, device, scalar ranges): always on, free, and
+  traceable, so they run under torch.compile too;
+* value checks (finite x, weights >= 0, no all-zero set, valid mixture parameters): they
+  read tensor values, which costs a device sync on CUDA and is impossible inside
+  torch.compile or CUDA graph capture, so they are skipped there and can be switched off
+  with :func:`set_validation` (like ``torch.distributions``' ``validate_args``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_VALIDATE = True
+
+CPU_DTYPES = (torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def set_validation(enabled: bool) -> None:
+    """Turn the value checks of the public API on (default) or off.
+
+    Off saves a device sync per call on CUDA; invalid input (NaN, negative weights, sets
+    with zero total weight) then gives undefined, though finite where the input is finite,
+    results."""
+    global _VALIDATE
+    _VALIDATE = bool(enabled)
+
+
+def value_checks_enabled() -> bool:
+    """True when value checks run: enabled, and not tracing or capturing a CUDA graph."""
+    if not _VALIDATE or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def check_tensor(value, name: str, ndim: int, shape: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape}, got a {value.dim()}-D tensor of shape {tuple(value.shape)}")
+    return value
+
+
+def check_float_dtype(t: Tensor, name: str) -> None:
+    allowed = CUDA_DTYPES if t.device.type == "cuda" else CPU_DTYPES
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must have a floating dtype ({names} on {t.device.type}), got {t.dtype}")
+
+
+def check_same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_nonnegative_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
+def check_finite(t: Tensor, name: str) -> None:
+    if value_checks_enabled() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite: it holds NaN or Inf")
+
+
+def check_weight_values(weights: Tensor, name: str = "weights") -> None:
+    if not value_checks_enabled():
+        return
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError(f"{name} must be finite: it holds NaN or Inf")
+    if bool((weights < 0).any()):
+        raise ValueError(f"{name} must be >= 0 (0 marks padding), got a negative weight")
+    empty = (weights.sum(-1) <= 0).nonzero().flatten()
+    if empty.numel() > 0:
+        raise ValueError(
+            f"{name}: every set needs a positive total weight, but set(s) {empty[:8].tolist()} have all weights 0"
+        )
+
+
+def normalise_weights(weights: Optional[Tensor], x: Tensor) -> Tensor:
+    """(B,N) weights in x's dtype; None means all ones, a bool mask becomes 0/1."""
+    if weights is None:
+        return torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
+    check_tensor(weights, "weights", 2, "(B, N)")
+    if tuple(weights.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"weights must have shape (B, N) = {tuple(x.shape[:2])} to match x, got {tuple(weights.shape)}")
+    check_same_device(weights, "weights", x, "x")
+    if weights.dtype == torch.bool:
+        weights = weights.to(x.dtype)
+    elif not weights.is_floating_point():
+        raise TypeError(f"weights must be a floating-point or bool tensor, got {weights.dtype}")
+    weights = weights.to(x.dtype)
+    check_weight_values(weights)
+    return weights
