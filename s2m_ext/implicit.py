@@ -1,0 +1,554 @@
+"""Implicit backward of EM fitted to convergence: the gradient of the fixed point.
+
+With F the one-step EM map (E-step then M-step), a converged fit satisfies
+theta* = F(theta*; x, w). For a loss L(theta*) with g = dL/dtheta*, the implicit function
+theorem gives
+
+    u = g + (dF/dtheta)^T u,        dL/dx = (dF/dx)^T u,        dL/dw = (dF/dw)^T u,
+
+all Jacobians at theta*. This gradient is exact for the optimum, does not depend on the
+path EM took, and needs memory O(B*K*D) whatever the number of EM iterations: the forward
+keeps only the final parameters, and every product with (dF/dtheta)^T is one call of the
+analytic one-step backward ``torch.ops.s2m.em_fit_backward`` on the two-step trajectory
+[theta*, F(theta*)]. Nothing here is device specific: it runs wherever the s2m ops have
+kernels.
+
+Parametrisation (per set, a vector of P = K + 2*K*D numbers: log weights, means, variances).
+The M-step normalises the weights, so shifting all log weights by a constant does not change
+F: dF/dtheta has the eigenvalue 0 there, which is harmless for I - (dF/dtheta)^T. At a strict
+local maximum of the likelihood the other eigenvalues lie in [0, 1) (EM's rate of
+convergence), so both solvers converge, the fixed-point iteration at EM's own rate.
+
+Parameters the fixed-point equation does not determine are treated like the unrolled
+backward treats them, exactly:
+
+* a dead component (Nk <= W * eps at theta*: it keeps its previous mean and variance, so
+  F is the identity there) passes the gradient of its mean and variance to the initial
+  parameters and none to x or w;
+* a set without weight (W = 0, reachable only with value checks off) keeps all its
+  parameters: its whole gradient goes to the initial parameters.
+
+Alive components get a zero gradient for the initial parameters: the optimum does not
+depend on where EM started. Clamped variances have no gradient, as in the unrolled backward
+(the one-step backward zeroes them).
+
+Usage: ``s2m_ext.fit_gmm(x, ..., n_iter=max_iter, tol=tol, backward="implicit")`` or
+``backward=ImplicitBackward(tol=..., max_iter=..., solver="gmres")``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ._ops import ops
+
+__all__ = [
+    "ImplicitBackward",
+    "ImplicitGradientWarning",
+    "AdjointSolution",
+    "DEFAULT_SOLVE_TOL",
+    "resolve_backward",
+    "solve_adjoint",
+    "implicit_vjp",
+    "fit_implicit",
+]
+
+#: Default relative residual of the adjoint solve per dtype: about 1e4-1e5 unit roundoffs,
+#: the accuracy a product with (dF/dtheta)^T (sums over N points) reliably reaches.
+DEFAULT_SOLVE_TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,
+    torch.float16: 2e-2,
+    torch.bfloat16: 1e-1,
+}
+
+SOLVERS = ("fixed_point", "gmres")
+
+
+class ImplicitGradientWarning(UserWarning):
+    """The adjoint solve of the implicit backward did not reach its tolerance for some sets."""
+
+
+@dataclass(frozen=True)
+class ImplicitBackward:
+    """Settings of the implicit backward of :func:`s2m_ext.fit_gmm`.
+
+    ``fit_gmm(..., backward="implicit")`` uses ``ImplicitBackward()``; pass an instance to
+    change the settings: ``fit_gmm(..., backward=ImplicitBackward(solver="gmres"))``.
+
+    Attributes:
+        tol: the solve stops for a set once ``||g + J^T u - u|| <= tol * ||g||`` (2-norms
+            over the set's log weights, means and variances; J = dF/dtheta at the fit).
+            None (default): :data:`DEFAULT_SOLVE_TOL` of the dtype (1e-10 for float64,
+            1e-4 for float32, 2e-2 for float16, 1e-1 for bfloat16).
+        max_iter: most products with J^T per set (each costs about one EM iteration);
+            default 1000. A set that has not met ``tol`` by then gets its best iterate (finite)
+            and an :class:`ImplicitGradientWarning`.
+        solver: ``"fixed_point"`` (default): u <- g + J^T u, about 5 parameter-sized
+            buffers, converges at EM's own linear rate. ``"gmres"``: restarted GMRES per set
+            on (I - J^T) u = g, far fewer products when EM converges slowly, at the cost of
+            ``restart + 1`` more parameter-sized buffers.
+        restart: GMRES restart length (default 20); ignored by the fixed-point solver.
+    """
+
+    tol: Optional[float] = None
+    max_iter: int = 1000
+    solver: str = "fixed_point"
+    restart: int = 20
+
+    def __post_init__(self) -> None:
+        if self.tol is not None:
+            if isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real):
+                raise TypeError(f"ImplicitBackward.tol must be a real number or None, got {type(self.tol).__name__}")
+            if not (math.isfinite(self.tol) and self.tol > 0):
+                raise ValueError(f"ImplicitBackward.tol must be a finite number > 0, got {self.tol}")
+        for name in ("max_iter", "restart"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"ImplicitBackward.{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"ImplicitBackward.{name} must be >= 1, got {value}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"ImplicitBackward.solver must be 'fixed_point' or 'gmres', got {self.solver!r}")
+
+    def tol_for(self, dtype: torch.dtype) -> float:
+        """The residual tolerance used for inputs of ``dtype``."""
+        return float(self.tol) if self.tol is not None else DEFAULT_SOLVE_TOL[dtype]
+
+
+def resolve_backward(backward: Union[str, ImplicitBackward]) -> Optional[ImplicitBackward]:
+    """Validate :func:`s2m_ext.fit_gmm`'s ``backward``: None for ``"unrolled"``, the settings
+    for ``"implicit"`` or an :class:`ImplicitBackward`."""
+    if isinstance(backward, ImplicitBackward):
+        return backward
+    if isinstance(backward, str):
+        if backward == "unrolled":
+            return None
+        if backward == "implicit":
+            return ImplicitBackward()
+        raise ValueError(f"backward must be 'unrolled' or 'implicit' (or an ImplicitBackward), got {backward!r}")
+    raise TypeError(
+        f"backward must be 'unrolled', 'implicit' or an s2m_ext.ImplicitBackward, got {type(backward).__name__}"
+    )
+
+
+# ----------------------------------------------------------------------------- parameters
+def _pack(log_weights: Tensor, means: Tensor, variances: Tensor) -> Tensor:
+    """(B,K), (B,K,D), (B,K,D) -> (B, P) with P = K + 2KD."""
+    return torch.cat((log_weights, means.flatten(1), variances.flatten(1)), dim=1)
+
+
+def _unpack(v: Tensor, k: int, d: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(B, P) -> (B,K), (B,K,D), (B,K,D) (views)."""
+    lw, mu, var = torch.split(v, (k, k * d, k * d), dim=1)
+    return lw, mu.unflatten(1, (k, d)), var.unflatten(1, (k, d))
+
+
+def _norm(v: Tensor) -> Tensor:
+    """Per-set 2-norm of (b, P) in float64."""
+    return torch.linalg.vector_norm(v.double(), dim=1)
+
+
+def _frozen(weights: Tensor, lw_next: Tensor, d: int) -> Tensor:
+    """(B, P) bool: the entries the fixed-point equation leaves undetermined (F is the
+    identity there). Dead components are read off F's log weight log(Nk / W): the kernels
+    kill a component when Nk <= W * eps(dtype), i.e. when log(Nk / W) <= log(eps)."""
+    b, k = lw_next.shape
+    no_weight = (weights.sum(1) <= 0).unsqueeze(1)  # (B,1)
+    dead = lw_next <= math.log(torch.finfo(lw_next.dtype).eps)  # (B,K)
+    dead_kd = (dead | no_weight).unsqueeze(-1).expand(b, k, d).flatten(1)
+    return torch.cat((no_weight.expand(b, k), dead_kd, dead_kd), dim=1)
+
+
+class _OneStepVJP:
+    """Products with the transposed Jacobians of F at theta* for a subset of the sets, each
+    one call of ``em_fit_backward`` on the trajectory [theta*, F(theta*)] with upstream
+    gradients [0, v]."""
+
+    def __init__(self, x: Tensor, weights: Tensor, traj: Tuple[Tensor, Tensor, Tensor], free: Tensor, var_floor: float):
+        self.x, self.weights, self.traj, self.free, self.var_floor = x, weights, traj, free, var_floor
+        self.k, self.d = traj[1].shape[2], traj[1].shape[3]
+        self.used = torch.ones(x.shape[0], dtype=torch.long, device=x.device)
+
+    def subset(self, keep: Tensor) -> "_OneStepVJP":
+        """The same products for the sets ``keep`` (bool (b,) or indices)."""
+        return _OneStepVJP(
+            self.x[keep], self.weights[keep], tuple(t[:, keep] for t in self.traj), self.free[keep], self.var_floor
+        )
+
+    def __call__(self, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """v (b, P) -> ((dF/dx)^T v (b,N,D), (dF/dw)^T v (b,N), (dF/dtheta)^T v (b,P)),
+        the last one zero on the frozen entries."""
+        upstream = [torch.stack((torch.zeros_like(p), p)) for p in _unpack(v, self.k, self.d)]
+        g_x, g_w, g_lw, g_mu, g_var = ops.em_fit_backward(
+            *upstream, self.x, self.weights, *self.traj, self.used, self.var_floor
+        )
+        jtv = _pack(g_lw, g_mu, g_var)
+        return g_x, g_w, torch.where(self.free, jtv, torch.zeros_like(jtv))
+
+    def jt(self, v: Tensor) -> Tensor:
+        return self(v)[2]
+
+
+class AdjointSolution(NamedTuple):
+    """Result of :func:`solve_adjoint` for B sets.
+
+    u: (B, P) solution of u = g + J^T u (zero on frozen entries), P = K + 2KD packed as
+        (log_weights, means flattened, variances flattened).
+    n_iter: (B,) int64 products with J^T each set used.
+    residual: (B,) float64 ``||g + J^T u - u|| / ||g||`` of the returned u (0 where g = 0).
+    converged: (B,) bool, residual <= tol.
+    """
+
+    u: Tensor
+    n_iter: Tensor
+    residual: Tensor
+    converged: Tensor
+
+
+def _fixed_point(step: _OneStepVJP, g: Tensor, gnorm: Tensor, tol: float, max_iter: int, out: AdjointSolution) -> None:
+    """u <- g + J^T u per set until the residual u_next - u meets tol; sets that stop drop
+    out of the batch. A set that fails keeps its iterate of smallest residual."""
+    active = torch.arange(g.shape[0], device=g.device)
+    u = g.clone()
+    best_u, best = u.clone(), torch.full_like(gnorm, math.inf)
+    for it in range(1, max_iter + 1):
+        u_next = g + step.jt(u)
+        res = _norm(u_next - u) / gnorm
+        finite = torch.isfinite(res)
+        better = finite & (res < best)
+        best_u = torch.where(better.unsqueeze(1), u, best_u)
+        best = torch.where(better, res, best)
+        ok = finite & (res <= tol)
+        stop = ok | ~finite if it < max_iter else torch.ones_like(ok)
+        out.n_iter[active] = it
+        if bool(stop.any()):
+            idx = active[stop]
+            out.u[idx] = torch.where(ok[stop].unsqueeze(1), u[stop], best_u[stop])
+            out.residual[idx] = torch.where(ok[stop], res[stop], best[stop])
+            out.converged[idx] = ok[stop]
+            keep = ~stop
+            if not bool(keep.any()):
+                return
+            active, step, g, gnorm = active[keep], step.subset(keep), g[keep], gnorm[keep]
+            u_next, best_u, best = u_next[keep], best_u[keep], best[keep]
+        u = u_next
+
+
+def _gmres(step: _OneStepVJP, g: Tensor, gnorm: Tensor, tol: float, max_iter: int, restart: int, out: AdjointSolution) -> None:
+    """Restarted GMRES on (I - J^T) u = g, batched: every set has its own Krylov basis,
+    Hessenberg matrix and Givens rotations (kept in float64), and leaves the batch at the end
+    of the cycle in which its true residual meets tol. Starts from u = 0 (residual g)."""
+    f64 = torch.float64
+    active = torch.arange(g.shape[0], device=g.device)
+    u = torch.zeros_like(g)
+    r = g.clone()
+    res = torch.ones_like(gnorm)  # relative residual of u = 0
+    best_u, best = u.clone(), res.clone()
+    used = 0
+    while True:
+        b, p = g.shape
+        m = min(restart, max_iter - used - 1)  # keep one product for the true residual
+        if m < 1:
+            break
+        beta = _norm(r)
+        basis = g.new_zeros(m + 1, b, p)
+        basis[0] = r / beta.clamp_min(torch.finfo(f64).tiny).to(g.dtype).unsqueeze(1)
+        h = torch.zeros(b, m + 1, m, dtype=f64, device=g.device)
+        cs = torch.zeros(b, m, dtype=f64, device=g.device)
+        sn = torch.zeros_like(cs)
+        s = torch.zeros(b, m + 1, dtype=f64, device=g.device)
+        s[:, 0] = beta
+        length = torch.full((b,), m, dtype=torch.long, device=g.device)
+        open_ = torch.ones(b, dtype=torch.bool, device=g.device)  # still extending its basis
+        steps = 0
+        for j in range(m):
+            vj = basis[j]
+            w = vj - step.jt(vj)
+            steps += 1
+            before = _norm(w)
+            for _ in range(2):  # modified Gram-Schmidt, twice for orthogonality in low precision
+                for i in range(j + 1):
+                    hij = (w.double() * basis[i].double()).sum(1)
+                    h[:, i, j] += hij
+                    w = w - hij.to(g.dtype).unsqueeze(1) * basis[i]
+            hn = _norm(w)
+            h[:, j + 1, j] = hn
+            lucky = hn <= torch.finfo(g.dtype).eps * before  # the Krylov space is invariant
+            basis[j + 1] = torch.where(
+                lucky.unsqueeze(1), torch.zeros_like(w), w / hn.clamp_min(torch.finfo(f64).tiny).to(g.dtype).unsqueeze(1)
+            )
+            for i in range(j):  # previous rotations on the new column
+                a, c = h[:, i, j].clone(), h[:, i + 1, j].clone()
+                h[:, i, j] = cs[:, i] * a + sn[:, i] * c
+                h[:, i + 1, j] = -sn[:, i] * a + cs[:, i] * c
+            a, c = h[:, j, j], h[:, j + 1, j]
+            d = torch.hypot(a, c)
+            singular = ~(d > 0)
+            safe_d = torch.where(singular, torch.ones_like(d), d)
+            cs[:, j] = torch.where(singular, torch.ones_like(d), a / safe_d)
+            sn[:, j] = torch.where(singular, torch.zeros_like(d), c / safe_d)
+            h[:, j, j], h[:, j + 1, j] = d, 0.0
+            s[:, j + 1] = -sn[:, j] * s[:, j]
+            s[:, j] = cs[:, j] * s[:, j]
+            estimate = s[:, j + 1].abs() / gnorm
+            broken = ~torch.isfinite(estimate) | ~torch.isfinite(d)
+            # Column j enters the solution unless it is singular; the basis stops growing
+            # once the estimate meets tol, on a lucky breakdown, or on non-finite values.
+            close = open_ & (singular | broken)
+            length = torch.where(close, torch.full_like(length, j), length)
+            done = open_ & ~close & ((estimate <= tol) | lucky)
+            length = torch.where(done, torch.full_like(length, j + 1), length)
+            open_ = open_ & ~(close | done)
+            if not bool(open_.any()):
+                break
+        # y = R^-1 s on each set's first `length` columns (identity beyond).
+        cols = torch.arange(steps, device=g.device)
+        inside = cols.unsqueeze(0) < length.unsqueeze(1)  # (b, steps)
+        mask = inside.unsqueeze(2) & inside.unsqueeze(1)
+        rmat = torch.where(mask, h[:, :steps, :steps], torch.zeros((), dtype=f64, device=g.device))
+        rmat = rmat + torch.diag_embed((~inside).to(f64))
+        rhs = torch.where(inside, s[:, :steps], torch.zeros((), dtype=f64, device=g.device))
+        y = torch.linalg.solve_triangular(rmat, rhs.unsqueeze(2), upper=True).squeeze(2)
+        y = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
+        u = u + torch.einsum("jbp,bj->bp", basis[:steps], y.to(g.dtype))
+        r = g + step.jt(u) - u
+        used += steps + 1
+        res = _norm(r) / gnorm
+        finite = torch.isfinite(res)
+        better = finite & (res < best)
+        best_u = torch.where(better.unsqueeze(1), u, best_u)
+        best = torch.where(better, res, best)
+        ok = finite & (res <= tol)
+        out.n_iter[active] = used
+        last = max_iter - used < 2
+        stop = ok | ~finite | torch.full_like(ok, last)
+        if bool(stop.any()):
+            idx = active[stop]
+            out.u[idx] = torch.where(ok[stop].unsqueeze(1), u[stop], best_u[stop])
+            out.residual[idx] = torch.where(ok[stop], res[stop], best[stop])
+            out.converged[idx] = ok[stop]
+            keep = ~stop
+            if not bool(keep.any()):
+                return
+            active, step, g, gnorm = active[keep], step.subset(keep), g[keep], gnorm[keep]
+            u, r, best_u, best = u[keep], r[keep], best_u[keep], best[keep]
+    # max_iter too small for another cycle: report the best iterate so far.
+    out.u[active] = best_u
+    out.residual[active] = best
+    out.n_iter[active] = used
+    out.converged[active] = best <= tol
+
+
+def one_step_trajectory(
+    x: Tensor, weights: Tensor, log_weights: Tensor, means: Tensor, variances: Tensor, var_floor: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """[theta, F(theta)]: (2,B,K), (2,B,K,D), (2,B,K,D), one EM step from theta."""
+    lw, mu, var, *_ = ops.em_fit(x, weights, log_weights, means, variances, 1, var_floor, 0.0, True)
+    return lw, mu, var
+
+
+def solve_adjoint(
+    x: Tensor,
+    weights: Tensor,
+    params: Tuple[Tensor, Tensor, Tensor],
+    grads: Tuple[Tensor, Tensor, Tensor],
+    var_floor: float,
+    config: ImplicitBackward = ImplicitBackward(),
+    _step: Optional[_OneStepVJP] = None,
+) -> AdjointSolution:
+    """Solve u = g + (dF/dtheta)^T u at theta = ``params`` for every set.
+
+    Args:
+        x: (B, N, D) points; weights: (B, N) point weights.
+        params: the fit theta* = (log_weights (B,K), means (B,K,D), variances (B,K,D)).
+        grads: g = dL/dtheta*, shaped like ``params``.
+        var_floor: the fit's variance floor.
+        config: tolerance, iteration cap and solver.
+
+    Frozen entries (dead components, sets without weight) are excluded: u is zero there.
+    Does not warn; see :func:`implicit_vjp`.
+    """
+    step = _step if _step is not None else _make_step(x, weights, params, var_floor)
+    g = torch.where(step.free, _pack(*grads), torch.zeros((), dtype=x.dtype, device=x.device))
+    batch = g.shape[0]
+    out = AdjointSolution(
+        u=torch.zeros_like(g),
+        n_iter=torch.zeros(batch, dtype=torch.long, device=g.device),
+        residual=torch.zeros(batch, dtype=torch.float64, device=g.device),
+        converged=torch.ones(batch, dtype=torch.bool, device=g.device),
+    )
+    gnorm = _norm(g)
+    todo = gnorm > 0  # g = 0: u = 0 exactly
+    if not bool(todo.any()):
+        return out
+    sub = AdjointSolution(*(t[todo] for t in out))
+    tol = config.tol_for(x.dtype)
+    step_todo = step.subset(todo) if not bool(todo.all()) else step
+    if config.solver == "fixed_point":
+        _fixed_point(step_todo, g[todo], gnorm[todo], tol, config.max_iter, sub)
+    else:
+        _gmres(step_todo, g[todo], gnorm[todo], tol, config.max_iter, config.restart, sub)
+    for full, part in zip(out, sub):
+        full[todo] = part
+    return out
+
+
+def _make_step(x: Tensor, weights: Tensor, params: Tuple[Tensor, Tensor, Tensor], var_floor: float) -> _OneStepVJP:
+    traj = one_step_trajectory(x, weights, *params, var_floor)
+    free = ~_frozen(weights, traj[0][1], x.shape[2])
+    return _OneStepVJP(x, weights, traj, free, var_floor)
+
+
+def implicit_vjp(
+    x: Tensor,
+    weights: Tensor,
+    params: Tuple[Tensor, Tensor, Tensor],
+    grads: Tuple[Tensor, Tensor, Tensor],
+    var_floor: float,
+    config: ImplicitBackward = ImplicitBackward(),
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, AdjointSolution]:
+    """Gradients of L(theta*) for x, weights and the initial parameters, theta* = ``params``
+    the converged fit: (g_x (B,N,D), g_w (B,N), g_lw0 (B,K), g_mu0 (B,K,D), g_var0 (B,K,D),
+    the adjoint solution). Warns (:class:`ImplicitGradientWarning`) for sets whose solve did
+    not meet the tolerance; their gradients use the best iterate and stay finite."""
+    k, d = params[1].shape[1], params[1].shape[2]
+    step = _make_step(x, weights, params, var_floor)
+    sol = solve_adjoint(x, weights, params, grads, var_floor, config, _step=step)
+    g_x, g_w, _ = step(sol.u)
+    # Frozen entries pass their gradient to the initial parameters, as in the unrolled backward.
+    g_init = _unpack(torch.where(step.free, torch.zeros((), dtype=x.dtype, device=x.device), _pack(*grads)), k, d)
+    failed = ~sol.converged
+    if bool(failed.any()):
+        n_failed = int(failed.sum())
+        worst = float(sol.residual[failed].max())
+        warnings.warn(
+            f"implicit backward: the adjoint solve u = g + (dF/dtheta)^T u did not reach tol="
+            f"{config.tol_for(x.dtype):.1e} for {n_failed} of {x.shape[0]} sets (relative residual up to "
+            f"{worst:.1e} after at most {int(sol.n_iter[failed].max())} products, solver={config.solver!r}). "
+            "The fit is not at a strict local optimum (e.g. duplicated points, coinciding or dying components) "
+            "or has not converged; these sets get the gradient of the best iterate (finite, approximate). "
+            "Fit to convergence, raise ImplicitBackward(max_iter=...), try solver='gmres', or use "
+            "backward='unrolled'.",
+            ImplicitGradientWarning,
+            stacklevel=2,
+        )
+    return g_x, g_w, *(t.contiguous() for t in g_init), sol
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("s2m::em_fit_implicit", mutates_args=())
+def _em_fit_implicit(
+    x: Tensor,
+    weights: Tensor,
+    log_weights: Tensor,
+    means: Tensor,
+    variances: Tensor,
+    n_iter: int,
+    var_floor: float,
+    tol: float,
+    solve_tol: float,
+    solve_max_iter: int,
+    solver: str,
+    restart: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """em_fit without a trajectory, differentiated implicitly: returns the final
+    (log_weights (B,K), means (B,K,D), variances (B,K,D), loglik (B), n_iter_used (B),
+    converged (B)). The solve settings only matter for the backward."""
+    lw, mu, var, loglik, used, converged = ops.em_fit(
+        x, weights, log_weights, means, variances, n_iter, var_floor, tol, False
+    )
+    return lw[0], mu[0], var[0], loglik, used, converged
+
+
+@_em_fit_implicit.register_fake
+def _em_fit_implicit_fake(x, weights, log_weights, means, variances, n_iter, var_floor, tol, solve_tol, solve_max_iter, solver, restart):
+    batch = x.shape[0]
+    return (
+        torch.empty_like(log_weights),
+        torch.empty_like(means),
+        torch.empty_like(variances),
+        x.new_empty(batch),
+        x.new_empty(batch, dtype=torch.long),
+        x.new_empty(batch, dtype=torch.bool),
+    )
+
+
+@torch.library.custom_op("s2m::em_fit_implicit_backward", mutates_args=())
+def _em_fit_implicit_backward(
+    grad_log_weights: Tensor,
+    grad_means: Tensor,
+    grad_variances: Tensor,
+    x: Tensor,
+    weights: Tensor,
+    log_weights: Tensor,
+    means: Tensor,
+    variances: Tensor,
+    var_floor: float,
+    solve_tol: float,
+    solve_max_iter: int,
+    solver: str,
+    restart: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Implicit gradients (x, weights, log_weights0, means0, variances0) of the fit
+    (log_weights, means, variances) given the gradients on it; see :func:`implicit_vjp`."""
+    config = ImplicitBackward(tol=solve_tol, max_iter=solve_max_iter, solver=solver, restart=restart)
+    return implicit_vjp(
+        x, weights, (log_weights, means, variances), (grad_log_weights, grad_means, grad_variances), var_floor, config
+    )[:5]
+
+
+@_em_fit_implicit_backward.register_fake
+def _em_fit_implicit_backward_fake(grad_log_weights, grad_means, grad_variances, x, weights, log_weights, means, variances, *_):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(weights),
+        torch.empty_like(log_weights),
+        torch.empty_like(means),
+        torch.empty_like(variances),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, _, _, _, n_iter, var_floor, _, solve_tol, solve_max_iter, solver, restart = inputs
+    lw, mu, var, loglik, used, converged = output
+    ctx.save_for_backward(x, weights, lw, mu, var)
+    ctx.n_iter = n_iter
+    ctx.settings = (var_floor, solve_tol, solve_max_iter, solver, restart)
+    ctx.mark_non_differentiable(loglik, used, converged)
+
+
+def _backward(ctx, g_lw, g_mu, g_var, _g_loglik, _g_used, _g_converged):
+    x, weights, lw, mu, var = ctx.saved_tensors
+    fill = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
+    g_lw, g_mu, g_var = fill(g_lw, lw), fill(g_mu, mu), fill(g_var, var)
+    if ctx.n_iter == 0:  # no EM step ran: the output is the initial parameters
+        return torch.zeros_like(x), torch.zeros_like(weights), g_lw, g_mu, g_var, *([None] * 7)
+    grads = torch.ops.s2m.em_fit_implicit_backward(g_lw, g_mu, g_var, x, weights, lw, mu, var, *ctx.settings)
+    return (*grads, *([None] * 7))
+
+
+torch.library.register_autograd("s2m::em_fit_implicit", _backward, setup_context=_setup_context)
+
+
+def fit_implicit(
+    x: Tensor,
+    weights: Tensor,
+    init_params: Tuple[Tensor, Tensor, Tensor],
+    n_iter: int,
+    var_floor: float,
+    tol: float,
+    config: ImplicitBackward,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """EM for :func:`s2m_ext.fit_gmm` with ``backward="implicit"``: the final
+    (log_weights, means, variances, loglik, n_iter_used, converged), no trajectory kept."""
+    return torch.ops.s2m.em_fit_implicit(
+        x, weights, *init_params, n_iter, var_floor, tol, config.tol_for(x.dtype), config.max_iter, config.solver, config.restart
+    )
