@@ -60,13 +60,16 @@ __all__ = [
     "fit_implicit",
 ]
 
-#: Default relative residual of the adjoint solve per dtype: about 1e4-1e5 unit roundoffs,
-#: the accuracy a product with (dF/dtheta)^T (sums over N points) reliably reaches.
+#: Default relative residual of the adjoint solve per dtype. The gradient's relative error is
+#: about tol / (1 - rho), rho EM's rate of convergence. float32: 1e-6 (8 unit roundoffs; the
+#: solvers reach 1e-7 or below, so this rarely stops them short) matches the accuracy of the
+#: unrolled float32 backward; float64: 1e-12, far above its floor (~1e-15) at a few more
+#: iterations. float16/bfloat16 (CUDA only): about 10 unit roundoffs.
 DEFAULT_SOLVE_TOL = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-4,
-    torch.float16: 2e-2,
-    torch.bfloat16: 1e-1,
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 1e-2,
+    torch.bfloat16: 5e-2,
 }
 
 SOLVERS = ("fixed_point", "gmres")
@@ -86,8 +89,8 @@ class ImplicitBackward:
     Attributes:
         tol: the solve stops for a set once ``||g + J^T u - u|| <= tol * ||g||`` (2-norms
             over the set's log weights, means and variances; J = dF/dtheta at the fit).
-            None (default): :data:`DEFAULT_SOLVE_TOL` of the dtype (1e-10 for float64,
-            1e-4 for float32, 2e-2 for float16, 1e-1 for bfloat16).
+            None (default): :data:`DEFAULT_SOLVE_TOL` of the dtype (1e-12 for float64,
+            1e-6 for float32, 1e-2 for float16, 5e-2 for bfloat16).
         max_iter: most products with J^T per set (each costs about one EM iteration);
             default 1000. A set that has not met ``tol`` by then gets its best iterate (finite)
             and an :class:`ImplicitGradientWarning`.
@@ -152,8 +155,8 @@ def _unpack(v: Tensor, k: int, d: int) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def _norm(v: Tensor) -> Tensor:
-    """Per-set 2-norm of (b, P) in float64."""
-    return torch.linalg.vector_norm(v.double(), dim=1)
+    """Per-set 2-norm of (b, P), accumulated in float64."""
+    return torch.linalg.vector_norm(v, dim=1, dtype=torch.float64)
 
 
 def _frozen(weights: Tensor, lw_next: Tensor, d: int) -> Tensor:
@@ -167,15 +170,29 @@ def _frozen(weights: Tensor, lw_next: Tensor, d: int) -> Tensor:
     return torch.cat((no_weight.expand(b, k), dead_kd, dead_kd), dim=1)
 
 
+#: On the CPU the solve's products with J^T run over chunks of sets whose (dF/dx)^T
+#: temporaries (which the solve discards) hold about as many elements as one parameter
+#: vector of the batch, and at least this many: the solve then never holds an x-sized
+#: buffer. GPUs take the whole batch at once.
+CPU_CHUNK_ELEMENTS = 1 << 18
+
+
 class _OneStepVJP:
     """Products with the transposed Jacobians of F at theta* for a subset of the sets, each
-    one call of ``em_fit_backward`` on the trajectory [theta*, F(theta*)] with upstream
-    gradients [0, v]."""
+    one call of ``em_fit_backward`` per chunk of sets on the trajectory [theta*, F(theta*)]
+    with upstream gradients [0, v] (kept in one reused buffer)."""
 
     def __init__(self, x: Tensor, weights: Tensor, traj: Tuple[Tensor, Tensor, Tensor], free: Tensor, var_floor: float):
         self.x, self.weights, self.traj, self.free, self.var_floor = x, weights, traj, free, var_floor
-        self.k, self.d = traj[1].shape[2], traj[1].shape[3]
-        self.used = torch.ones(x.shape[0], dtype=torch.long, device=x.device)
+        batch, n, d = x.shape
+        self.k, self.d = traj[1].shape[2], d
+        self.used = torch.ones(batch, dtype=torch.long, device=x.device)
+        self.upstream = [torch.zeros_like(t) for t in traj]  # step 0 stays zero
+        if x.device.type == "cpu":
+            budget = max(CPU_CHUNK_ELEMENTS, batch * free.shape[1])
+            self.chunk = min(batch, max(torch.get_num_threads(), budget // max(n * d, 1)))
+        else:
+            self.chunk = max(batch, 1)
 
     def subset(self, keep: Tensor) -> "_OneStepVJP":
         """The same products for the sets ``keep`` (bool (b,) or indices)."""
@@ -183,15 +200,33 @@ class _OneStepVJP:
             self.x[keep], self.weights[keep], tuple(t[:, keep] for t in self.traj), self.free[keep], self.var_floor
         )
 
-    def __call__(self, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """v (b, P) -> ((dF/dx)^T v (b,N,D), (dF/dw)^T v (b,N), (dF/dtheta)^T v (b,P)),
-        the last one zero on the frozen entries."""
-        upstream = [torch.stack((torch.zeros_like(p), p)) for p in _unpack(v, self.k, self.d)]
-        g_x, g_w, g_lw, g_mu, g_var = ops.em_fit_backward(
-            *upstream, self.x, self.weights, *self.traj, self.used, self.var_floor
+    def _backward(self, rows: slice):
+        return ops.em_fit_backward(
+            *(t[:, rows] for t in self.upstream),
+            self.x[rows],
+            self.weights[rows],
+            *(t[:, rows] for t in self.traj),
+            self.used[rows],
+            self.var_floor,
         )
-        jtv = _pack(g_lw, g_mu, g_var)
-        return g_x, g_w, torch.where(self.free, jtv, torch.zeros_like(jtv))
+
+    def __call__(self, v: Tensor, data_grads: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]:
+        """v (b, P) -> ((dF/dx)^T v (b,N,D), (dF/dw)^T v (b,N), (dF/dtheta)^T v (b,P)), the
+        last one zero on the frozen entries; the first two only if ``data_grads`` (else None)."""
+        for buf, part in zip(self.upstream, _unpack(v, self.k, self.d)):
+            buf[1].copy_(part)
+        batch = v.shape[0]
+        if self.chunk >= batch or data_grads:  # data_grads: the x-sized result is needed anyway
+            g_x, g_w, g_lw, g_mu, g_var = self._backward(slice(None))
+            jtv = _pack(g_lw, g_mu, g_var)
+        else:
+            jtv = torch.empty_like(v)
+            for start in range(0, batch, self.chunk):
+                rows = slice(start, start + self.chunk)
+                jtv[rows] = _pack(*self._backward(rows)[2:])
+        if not data_grads:
+            g_x = g_w = None
+        return g_x, g_w, jtv.masked_fill_(~self.free, 0)
 
     def jt(self, v: Tensor) -> Tensor:
         return self(v)[2]
@@ -213,79 +248,108 @@ class AdjointSolution(NamedTuple):
     converged: Tensor
 
 
-def _fixed_point(step: _OneStepVJP, g: Tensor, gnorm: Tensor, tol: float, max_iter: int, out: AdjointSolution) -> None:
-    """u <- g + J^T u per set until the residual u_next - u meets tol; sets that stop drop
-    out of the batch. A set that fails keeps its iterate of smallest residual."""
-    active = torch.arange(g.shape[0], device=g.device)
-    u = g.clone()
-    best_u, best = u.clone(), torch.full_like(gnorm, math.inf)
-    for it in range(1, max_iter + 1):
-        u_next = g + step.jt(u)
-        res = _norm(u_next - u) / gnorm
+class _Batch:
+    """The sets a solver is still working on. Finished sets stay in the batch (their rows are
+    zeroed, so their products are cheap and finite) until at most half the rows are alive;
+    then the batch is compacted. This bounds the wasted work by 2x while the copies of x a
+    compaction makes never exceed one x-sized buffer at a time."""
+
+    def __init__(self, step: _OneStepVJP, g: Tensor, gnorm: Tensor, tol: float, out: AdjointSolution):
+        self.step, self.g, self.gnorm, self.tol, self.out = step, g, gnorm, tol, out
+        self.index = torch.arange(g.shape[0], device=g.device)  # rows of `out`
+        self.alive = torch.ones(g.shape[0], dtype=torch.bool, device=g.device)
+        self.best = torch.full_like(gnorm, math.inf)  # smallest residual seen per row
+        self.best_u = torch.zeros_like(g)
+
+    def record(self, u: Tensor, res: Tensor, n_iter: int, give_up: bool) -> Tensor:
+        """Note the residual ``res`` of iterate ``u`` (rows of the batch) after ``n_iter``
+        products; finish the rows that met tol, failed (non-finite) or, with ``give_up``,
+        all alive rows. Returns the rows that are still alive."""
         finite = torch.isfinite(res)
-        better = finite & (res < best)
-        best_u = torch.where(better.unsqueeze(1), u, best_u)
-        best = torch.where(better, res, best)
-        ok = finite & (res <= tol)
-        stop = ok | ~finite if it < max_iter else torch.ones_like(ok)
-        out.n_iter[active] = it
+        better = self.alive & finite & (res < self.best)
+        if bool(better.any()):
+            self.best_u[better] = u[better]
+            self.best[better] = res[better]
+        ok = finite & (res <= self.tol)
+        stop = self.alive & (ok | ~finite | give_up)
+        self.out.n_iter[self.index[self.alive]] = n_iter
         if bool(stop.any()):
-            idx = active[stop]
-            out.u[idx] = torch.where(ok[stop].unsqueeze(1), u[stop], best_u[stop])
-            out.residual[idx] = torch.where(ok[stop], res[stop], best[stop])
-            out.converged[idx] = ok[stop]
-            keep = ~stop
-            if not bool(keep.any()):
-                return
-            active, step, g, gnorm = active[keep], step.subset(keep), g[keep], gnorm[keep]
-            u_next, best_u, best = u_next[keep], best_u[keep], best[keep]
-        u = u_next
+            rows = self.index[stop]
+            self.out.u[rows] = torch.where(ok[stop].unsqueeze(1), u[stop], self.best_u[stop])
+            self.out.residual[rows] = torch.where(ok[stop], res[stop], self.best[stop])
+            self.out.converged[rows] = ok[stop]
+            self.alive = self.alive & ~stop
+        return self.alive
+
+    def compact(self, *per_row: Tensor) -> Tuple[Tensor, ...]:
+        """Drop finished rows if at most half are alive; returns ``per_row`` tensors
+        (leading dim = batch rows) restricted the same way."""
+        alive = self.alive
+        if 2 * int(alive.sum()) > alive.numel():
+            return per_row
+        self.step, self.g, self.gnorm = self.step.subset(alive), self.g[alive], self.gnorm[alive]
+        self.index, self.best, self.best_u = self.index[alive], self.best[alive], self.best_u[alive]
+        self.alive = self.alive[alive]
+        return tuple(t[alive] for t in per_row)
 
 
-def _gmres(step: _OneStepVJP, g: Tensor, gnorm: Tensor, tol: float, max_iter: int, restart: int, out: AdjointSolution) -> None:
+def _fixed_point(batch: _Batch, max_iter: int) -> None:
+    """u <- g + J^T u per set until the residual u_next - u meets tol. A set that fails
+    keeps its iterate of smallest residual."""
+    u = batch.g.clone()
+    for it in range(1, max_iter + 1):
+        u_next = batch.step.jt(u).add_(batch.g)
+        res = _norm(torch.sub(u_next, u)) / batch.gnorm
+        alive = batch.record(u, res, it, give_up=it == max_iter)
+        if not bool(alive.any()):
+            return
+        (u,) = batch.compact(u_next.masked_fill_(~alive.unsqueeze(1), 0))
+
+
+def _gmres(batch: _Batch, max_iter: int, restart: int) -> None:
     """Restarted GMRES on (I - J^T) u = g, batched: every set has its own Krylov basis,
-    Hessenberg matrix and Givens rotations (kept in float64), and leaves the batch at the end
-    of the cycle in which its true residual meets tol. Starts from u = 0 (residual g)."""
+    Hessenberg matrix and Givens rotations (kept in float64) and finishes at the end of the
+    cycle in which its true residual meets tol. Starts from u = 0 (residual g)."""
     f64 = torch.float64
-    active = torch.arange(g.shape[0], device=g.device)
+    g = batch.g
+    dtype, device = g.dtype, g.device
+    tiny = torch.finfo(f64).tiny
     u = torch.zeros_like(g)
     r = g.clone()
-    res = torch.ones_like(gnorm)  # relative residual of u = 0
-    best_u, best = u.clone(), res.clone()
     used = 0
     while True:
+        m = min(restart, max_iter - used - 1)  # one product is kept for the true residual
+        if m < 1:  # max_iter = 1: no room for a cycle
+            batch.record(u, _norm(r) / batch.gnorm, used, give_up=True)
+            return
+        g, alive = batch.g, batch.alive
         b, p = g.shape
-        m = min(restart, max_iter - used - 1)  # keep one product for the true residual
-        if m < 1:
-            break
         beta = _norm(r)
         basis = g.new_zeros(m + 1, b, p)
-        basis[0] = r / beta.clamp_min(torch.finfo(f64).tiny).to(g.dtype).unsqueeze(1)
-        h = torch.zeros(b, m + 1, m, dtype=f64, device=g.device)
-        cs = torch.zeros(b, m, dtype=f64, device=g.device)
+        basis[0] = r / beta.clamp_min(tiny).to(dtype).unsqueeze(1)
+        h = torch.zeros(b, m + 1, m, dtype=f64, device=device)
+        cs = torch.zeros(b, m, dtype=f64, device=device)
         sn = torch.zeros_like(cs)
-        s = torch.zeros(b, m + 1, dtype=f64, device=g.device)
+        s = torch.zeros(b, m + 1, dtype=f64, device=device)
         s[:, 0] = beta
-        length = torch.full((b,), m, dtype=torch.long, device=g.device)
-        open_ = torch.ones(b, dtype=torch.bool, device=g.device)  # still extending its basis
+        length = torch.full((b,), m, dtype=torch.long, device=device)
+        extending = alive.clone()  # still growing its basis in this cycle
         steps = 0
         for j in range(m):
-            vj = basis[j]
-            w = vj - step.jt(vj)
+            w = basis[j] - batch.step.jt(basis[j])
             steps += 1
             before = _norm(w)
-            for _ in range(2):  # modified Gram-Schmidt, twice for orthogonality in low precision
-                for i in range(j + 1):
-                    hij = (w.double() * basis[i].double()).sum(1)
-                    h[:, i, j] += hij
-                    w = w - hij.to(g.dtype).unsqueeze(1) * basis[i]
+            for _ in range(2):  # classical Gram-Schmidt applied twice (CGS2): orthogonal to rounding
+                coeff = torch.einsum("jbp,bp->bj", basis[: j + 1], w)
+                h[:, : j + 1, j] += coeff.to(f64)
+                w = w - torch.einsum("jbp,bj->bp", basis[: j + 1], coeff)
             hn = _norm(w)
             h[:, j + 1, j] = hn
-            lucky = hn <= torch.finfo(g.dtype).eps * before  # the Krylov space is invariant
+            lucky = hn <= torch.finfo(dtype).eps * before  # the Krylov space is invariant
             basis[j + 1] = torch.where(
-                lucky.unsqueeze(1), torch.zeros_like(w), w / hn.clamp_min(torch.finfo(f64).tiny).to(g.dtype).unsqueeze(1)
+                lucky.unsqueeze(1), torch.zeros_like(w), w / hn.clamp_min(tiny).to(dtype).unsqueeze(1)
             )
-            for i in range(j):  # previous rotations on the new column
+            for i in range(j):  # the previous rotations on the new column
                 a, c = h[:, i, j].clone(), h[:, i + 1, j].clone()
                 h[:, i, j] = cs[:, i] * a + sn[:, i] * c
                 h[:, i + 1, j] = -sn[:, i] * a + cs[:, i] * c
@@ -298,53 +362,33 @@ def _gmres(step: _OneStepVJP, g: Tensor, gnorm: Tensor, tol: float, max_iter: in
             h[:, j, j], h[:, j + 1, j] = d, 0.0
             s[:, j + 1] = -sn[:, j] * s[:, j]
             s[:, j] = cs[:, j] * s[:, j]
-            estimate = s[:, j + 1].abs() / gnorm
-            broken = ~torch.isfinite(estimate) | ~torch.isfinite(d)
-            # Column j enters the solution unless it is singular; the basis stops growing
-            # once the estimate meets tol, on a lucky breakdown, or on non-finite values.
-            close = open_ & (singular | broken)
-            length = torch.where(close, torch.full_like(length, j), length)
-            done = open_ & ~close & ((estimate <= tol) | lucky)
+            estimate = s[:, j + 1].abs() / batch.gnorm
+            # Column j enters the solution unless it is singular (or non-finite); the basis
+            # stops growing once the estimate meets tol or on a lucky breakdown.
+            drop = extending & (singular | ~torch.isfinite(d) | ~torch.isfinite(estimate))
+            length = torch.where(drop, torch.full_like(length, j), length)
+            done = extending & ~drop & ((estimate <= batch.tol) | lucky)
             length = torch.where(done, torch.full_like(length, j + 1), length)
-            open_ = open_ & ~(close | done)
-            if not bool(open_.any()):
+            extending = extending & ~(drop | done)
+            if not bool(extending.any()):
                 break
-        # y = R^-1 s on each set's first `length` columns (identity beyond).
-        cols = torch.arange(steps, device=g.device)
-        inside = cols.unsqueeze(0) < length.unsqueeze(1)  # (b, steps)
-        mask = inside.unsqueeze(2) & inside.unsqueeze(1)
-        rmat = torch.where(mask, h[:, :steps, :steps], torch.zeros((), dtype=f64, device=g.device))
+        # y = R^-1 s on each set's first `length` columns (identity beyond them).
+        inside = torch.arange(steps, device=device).unsqueeze(0) < length.unsqueeze(1)  # (b, steps)
+        zero = torch.zeros((), dtype=f64, device=device)
+        rmat = torch.where(inside.unsqueeze(2) & inside.unsqueeze(1), h[:, :steps, :steps], zero)
         rmat = rmat + torch.diag_embed((~inside).to(f64))
-        rhs = torch.where(inside, s[:, :steps], torch.zeros((), dtype=f64, device=g.device))
+        rhs = torch.where(inside, s[:, :steps], zero)
         y = torch.linalg.solve_triangular(rmat, rhs.unsqueeze(2), upper=True).squeeze(2)
         y = torch.where(torch.isfinite(y), y, torch.zeros_like(y))
-        u = u + torch.einsum("jbp,bj->bp", basis[:steps], y.to(g.dtype))
-        r = g + step.jt(u) - u
+        u = u + torch.einsum("jbp,bj->bp", basis[:steps], y.to(dtype))
+        del basis
+        r = g + batch.step.jt(u) - u
         used += steps + 1
-        res = _norm(r) / gnorm
-        finite = torch.isfinite(res)
-        better = finite & (res < best)
-        best_u = torch.where(better.unsqueeze(1), u, best_u)
-        best = torch.where(better, res, best)
-        ok = finite & (res <= tol)
-        out.n_iter[active] = used
-        last = max_iter - used < 2
-        stop = ok | ~finite | torch.full_like(ok, last)
-        if bool(stop.any()):
-            idx = active[stop]
-            out.u[idx] = torch.where(ok[stop].unsqueeze(1), u[stop], best_u[stop])
-            out.residual[idx] = torch.where(ok[stop], res[stop], best[stop])
-            out.converged[idx] = ok[stop]
-            keep = ~stop
-            if not bool(keep.any()):
-                return
-            active, step, g, gnorm = active[keep], step.subset(keep), g[keep], gnorm[keep]
-            u, r, best_u, best = u[keep], r[keep], best_u[keep], best[keep]
-    # max_iter too small for another cycle: report the best iterate so far.
-    out.u[active] = best_u
-    out.residual[active] = best
-    out.n_iter[active] = used
-    out.converged[active] = best <= tol
+        alive = batch.record(u, _norm(r) / batch.gnorm, used, give_up=max_iter - used < 2)
+        if not bool(alive.any()):
+            return
+        finished = ~alive.unsqueeze(1)
+        u, r = batch.compact(u.masked_fill_(finished, 0), r.masked_fill_(finished, 0))
 
 
 def one_step_trajectory(
@@ -377,27 +421,29 @@ def solve_adjoint(
     Does not warn; see :func:`implicit_vjp`.
     """
     step = _step if _step is not None else _make_step(x, weights, params, var_floor)
-    g = torch.where(step.free, _pack(*grads), torch.zeros((), dtype=x.dtype, device=x.device))
-    batch = g.shape[0]
+    g = _pack(*grads).masked_fill_(~step.free, 0)
+    n_sets = g.shape[0]
     out = AdjointSolution(
         u=torch.zeros_like(g),
-        n_iter=torch.zeros(batch, dtype=torch.long, device=g.device),
-        residual=torch.zeros(batch, dtype=torch.float64, device=g.device),
-        converged=torch.ones(batch, dtype=torch.bool, device=g.device),
+        n_iter=torch.zeros(n_sets, dtype=torch.long, device=g.device),
+        residual=torch.zeros(n_sets, dtype=torch.float64, device=g.device),
+        converged=torch.ones(n_sets, dtype=torch.bool, device=g.device),
     )
     gnorm = _norm(g)
     todo = gnorm > 0  # g = 0: u = 0 exactly
     if not bool(todo.any()):
         return out
-    sub = AdjointSolution(*(t[todo] for t in out))
-    tol = config.tol_for(x.dtype)
-    step_todo = step.subset(todo) if not bool(todo.all()) else step
+    everything = bool(todo.all())
+    sub = out if everything else AdjointSolution(*(t[todo] for t in out))
+    batch = _Batch(step if everything else step.subset(todo), g if everything else g[todo], gnorm[todo], config.tol_for(x.dtype), sub)
+    del g
     if config.solver == "fixed_point":
-        _fixed_point(step_todo, g[todo], gnorm[todo], tol, config.max_iter, sub)
+        _fixed_point(batch, config.max_iter)
     else:
-        _gmres(step_todo, g[todo], gnorm[todo], tol, config.max_iter, config.restart, sub)
-    for full, part in zip(out, sub):
-        full[todo] = part
+        _gmres(batch, config.max_iter, config.restart)
+    if not everything:
+        for full, part in zip(out, sub):
+            full[todo] = part
     return out
 
 
@@ -422,7 +468,7 @@ def implicit_vjp(
     k, d = params[1].shape[1], params[1].shape[2]
     step = _make_step(x, weights, params, var_floor)
     sol = solve_adjoint(x, weights, params, grads, var_floor, config, _step=step)
-    g_x, g_w, _ = step(sol.u)
+    g_x, g_w, _ = step(sol.u, data_grads=True)
     # Frozen entries pass their gradient to the initial parameters, as in the unrolled backward.
     g_init = _unpack(torch.where(step.free, torch.zeros((), dtype=x.dtype, device=x.device), _pack(*grads)), k, d)
     failed = ~sol.converged
@@ -444,7 +490,22 @@ def implicit_vjp(
 
 
 # ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("s2m::em_fit_implicit", mutates_args=())
+# Defined with torch.library.Library rather than the torch.library.custom_op decorator: the
+# decorator wraps kernels in torch._disable_dynamo, whose first call imports torch._dynamo
+# (about 150 MB of resident memory), which a plain fit should not pay for.
+_LIB = torch.library.Library("s2m", "FRAGMENT")
+_LIB.define(
+    "em_fit_implicit(Tensor x, Tensor weights, Tensor log_weights, Tensor means, Tensor variances, "
+    "int n_iter, float var_floor, float tol, float solve_tol, int solve_max_iter, str solver, int restart) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    "em_fit_implicit_backward(Tensor grad_log_weights, Tensor grad_means, Tensor grad_variances, Tensor x, "
+    "Tensor weights, Tensor log_weights, Tensor means, Tensor variances, float var_floor, float solve_tol, "
+    "int solve_max_iter, str solver, int restart) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
 def _em_fit_implicit(
     x: Tensor,
     weights: Tensor,
@@ -459,16 +520,15 @@ def _em_fit_implicit(
     solver: str,
     restart: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """em_fit without a trajectory, differentiated implicitly: returns the final
-    (log_weights (B,K), means (B,K,D), variances (B,K,D), loglik (B), n_iter_used (B),
-    converged (B)). The solve settings only matter for the backward."""
+    """s2m::em_fit_implicit: em_fit without a trajectory, differentiated implicitly. Returns
+    the final (log_weights (B,K), means (B,K,D), variances (B,K,D), loglik (B),
+    n_iter_used (B), converged (B)). The solve settings only matter for the backward."""
     lw, mu, var, loglik, used, converged = ops.em_fit(
         x, weights, log_weights, means, variances, n_iter, var_floor, tol, False
     )
     return lw[0], mu[0], var[0], loglik, used, converged
 
 
-@_em_fit_implicit.register_fake
 def _em_fit_implicit_fake(x, weights, log_weights, means, variances, n_iter, var_floor, tol, solve_tol, solve_max_iter, solver, restart):
     batch = x.shape[0]
     return (
@@ -481,7 +541,6 @@ def _em_fit_implicit_fake(x, weights, log_weights, means, variances, n_iter, var
     )
 
 
-@torch.library.custom_op("s2m::em_fit_implicit_backward", mutates_args=())
 def _em_fit_implicit_backward(
     grad_log_weights: Tensor,
     grad_means: Tensor,
@@ -497,15 +556,15 @@ def _em_fit_implicit_backward(
     solver: str,
     restart: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Implicit gradients (x, weights, log_weights0, means0, variances0) of the fit
-    (log_weights, means, variances) given the gradients on it; see :func:`implicit_vjp`."""
+    """s2m::em_fit_implicit_backward: implicit gradients (x, weights, log_weights0, means0,
+    variances0) of the fit (log_weights, means, variances) given the gradients on it; see
+    :func:`implicit_vjp`."""
     config = ImplicitBackward(tol=solve_tol, max_iter=solve_max_iter, solver=solver, restart=restart)
     return implicit_vjp(
         x, weights, (log_weights, means, variances), (grad_log_weights, grad_means, grad_variances), var_floor, config
     )[:5]
 
 
-@_em_fit_implicit_backward.register_fake
 def _em_fit_implicit_backward_fake(grad_log_weights, grad_means, grad_variances, x, weights, log_weights, means, variances, *_):
     return (
         torch.empty_like(x),
@@ -514,6 +573,13 @@ def _em_fit_implicit_backward_fake(grad_log_weights, grad_means, grad_variances,
         torch.empty_like(means),
         torch.empty_like(variances),
     )
+
+
+# Composed of s2m ops, so one kernel serves every device that has them.
+_LIB.impl("em_fit_implicit", _em_fit_implicit, "CompositeExplicitAutograd")
+_LIB.impl("em_fit_implicit_backward", _em_fit_implicit_backward, "CompositeExplicitAutograd")
+torch.library.register_fake("s2m::em_fit_implicit", _em_fit_implicit_fake, lib=_LIB)
+torch.library.register_fake("s2m::em_fit_implicit_backward", _em_fit_implicit_backward_fake, lib=_LIB)
 
 
 def _setup_context(ctx, inputs, output):
@@ -535,7 +601,7 @@ def _backward(ctx, g_lw, g_mu, g_var, _g_loglik, _g_used, _g_converged):
     return (*grads, *([None] * 7))
 
 
-torch.library.register_autograd("s2m::em_fit_implicit", _backward, setup_context=_setup_context)
+torch.library.register_autograd("s2m::em_fit_implicit", _backward, setup_context=_setup_context, lib=_LIB)
 
 
 def fit_implicit(
