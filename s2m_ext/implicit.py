@@ -16,8 +16,19 @@ kernels.
 Parametrisation (per set, a vector of P = K + 2*K*D numbers: log weights, means, variances).
 The M-step normalises the weights, so shifting all log weights by a constant does not change
 F: dF/dtheta has the eigenvalue 0 there, which is harmless for I - (dF/dtheta)^T. At a strict
-local maximum of the likelihood the other eigenvalues lie in [0, 1) (EM's rate of
-convergence), so both solvers converge, the fixed-point iteration at EM's own rate.
+local maximum of the likelihood (var_floor = 0) the other eigenvalues are real and lie in
+[0, 1): their largest is EM's linear rate of convergence rho, so the fixed-point iteration
+converges at EM's own rate and GMRES, on a spectrum of I - J^T in (0, 1], much faster when rho
+is close to 1. A floor perturbs F only slightly.
+
+Solvers (:class:`ImplicitBackward`): ``"fixed_point"`` (default; u <- g + J^T u, about ten
+parameter-sized (B, P) buffers) or ``"gmres"`` (restarted GMRES, batched per set; restart + 1
+more buffers). Each set stops on its own tolerance; finished sets leave the batch. A set
+whose solve fails (tolerance not met within max_iter products, or an ill-conditioned
+solution ||u|| > ||g|| / sqrt(eps), e.g. a singular optimum) gets an
+:class:`ImplicitGradientWarning` and, instead of the implicit gradient, the truncated series
+sum_{i<m} (J^T)^i g with m <= max_iter, which is exactly the gradient of m EM steps unrolled
+at the fit: finite, and what the unrolled backward would give there.
 
 Parameters the fixed-point equation does not determine are treated like the unrolled
 backward treats them, exactly:
@@ -76,7 +87,8 @@ SOLVERS = ("fixed_point", "gmres")
 
 
 class ImplicitGradientWarning(UserWarning):
-    """The adjoint solve of the implicit backward did not reach its tolerance for some sets."""
+    """The adjoint solve of the implicit backward failed for some sets (tolerance not met
+    within max_iter products, or an ill-conditioned solution); see :func:`solve_adjoint`."""
 
 
 @dataclass(frozen=True)
@@ -92,10 +104,12 @@ class ImplicitBackward:
             None (default): :data:`DEFAULT_SOLVE_TOL` of the dtype (1e-12 for float64,
             1e-6 for float32, 1e-2 for float16, 5e-2 for bfloat16).
         max_iter: most products with J^T per set (each costs about one EM iteration);
-            default 1000. A set that has not met ``tol`` by then gets its best iterate (finite)
-            and an :class:`ImplicitGradientWarning`.
-        solver: ``"fixed_point"`` (default): u <- g + J^T u, about 5 parameter-sized
-            buffers, converges at EM's own linear rate. ``"gmres"``: restarted GMRES per set
+            default 1000. A set that has not met ``tol`` by then (or whose solution is
+            ill-conditioned) gets an :class:`ImplicitGradientWarning` and, instead of the
+            implicit gradient, the gradient of ``max_iter`` EM steps unrolled at the fit
+            (finite).
+        solver: ``"fixed_point"`` (default): u <- g + J^T u, about ten parameter-sized
+            (B, K + 2KD) buffers, converges at EM's own linear rate. ``"gmres"``: restarted GMRES per set
             on (I - J^T) u = g, far fewer products when EM converges slowly, at the cost of
             ``restart + 1`` more parameter-sized buffers.
         restart: GMRES restart length (default 20); ignored by the fixed-point solver.
@@ -236,10 +250,13 @@ class AdjointSolution(NamedTuple):
     """Result of :func:`solve_adjoint` for B sets.
 
     u: (B, P) solution of u = g + J^T u (zero on frozen entries), P = K + 2KD packed as
-        (log_weights, means flattened, variances flattened).
+        (log_weights, means flattened, variances flattened). Where the solve failed: the
+        truncated series sum_{i<m} (J^T)^i g, m <= max_iter (see :func:`solve_adjoint`).
     n_iter: (B,) int64 products with J^T each set used.
-    residual: (B,) float64 ``||g + J^T u - u|| / ||g||`` of the returned u (0 where g = 0).
-    converged: (B,) bool, residual <= tol.
+    residual: (B,) float64 ``||g + J^T u - u|| / ||g||`` of the returned u (0 where g = 0,
+        inf where the next iterate overflowed).
+    converged: (B,) bool: residual <= tol and the solution is well conditioned
+        (``||u|| <= ||g|| / sqrt(eps)``).
     """
 
     u: Tensor
@@ -250,33 +267,27 @@ class AdjointSolution(NamedTuple):
 
 class _Batch:
     """The sets a solver is still working on. Finished sets stay in the batch (their rows are
-    zeroed, so their products are cheap and finite) until at most half the rows are alive;
+    zeroed so that their wasted products stay finite) until at most half the rows are alive;
     then the batch is compacted. This bounds the wasted work by 2x while the copies of x a
-    compaction makes never exceed one x-sized buffer at a time."""
+    compaction makes never exceed half of x at a time."""
 
     def __init__(self, step: _OneStepVJP, g: Tensor, gnorm: Tensor, tol: float, out: AdjointSolution):
         self.step, self.g, self.gnorm, self.tol, self.out = step, g, gnorm, tol, out
         self.index = torch.arange(g.shape[0], device=g.device)  # rows of `out`
         self.alive = torch.ones(g.shape[0], dtype=torch.bool, device=g.device)
-        self.best = torch.full_like(gnorm, math.inf)  # smallest residual seen per row
-        self.best_u = torch.zeros_like(g)
 
     def record(self, u: Tensor, res: Tensor, n_iter: int, give_up: bool) -> Tensor:
-        """Note the residual ``res`` of iterate ``u`` (rows of the batch) after ``n_iter``
-        products; finish the rows that met tol, failed (non-finite) or, with ``give_up``,
-        all alive rows. Returns the rows that are still alive."""
-        finite = torch.isfinite(res)
-        better = self.alive & finite & (res < self.best)
-        if bool(better.any()):
-            self.best_u[better] = u[better]
-            self.best[better] = res[better]
-        ok = finite & (res <= self.tol)
-        stop = self.alive & (ok | ~finite | give_up)
+        """Note the residual ``res`` of the (finite) iterate ``u`` after ``n_iter`` products;
+        finish the rows that met tol, whose next iterate is not finite, or, with ``give_up``,
+        all alive rows, writing u and res to the output. Returns the rows still alive."""
+        res = torch.where(torch.isfinite(res), res, torch.full_like(res, math.inf))
+        ok = res <= self.tol
+        stop = self.alive & (ok | torch.isinf(res) | give_up)
         self.out.n_iter[self.index[self.alive]] = n_iter
         if bool(stop.any()):
             rows = self.index[stop]
-            self.out.u[rows] = torch.where(ok[stop].unsqueeze(1), u[stop], self.best_u[stop])
-            self.out.residual[rows] = torch.where(ok[stop], res[stop], self.best[stop])
+            self.out.u[rows] = u[stop]
+            self.out.residual[rows] = res[stop]
             self.out.converged[rows] = ok[stop]
             self.alive = self.alive & ~stop
         return self.alive
@@ -287,15 +298,16 @@ class _Batch:
         alive = self.alive
         if 2 * int(alive.sum()) > alive.numel():
             return per_row
-        self.step, self.g, self.gnorm = self.step.subset(alive), self.g[alive], self.gnorm[alive]
-        self.index, self.best, self.best_u = self.index[alive], self.best[alive], self.best_u[alive]
+        self.step, self.g, self.gnorm, self.index = self.step.subset(alive), self.g[alive], self.gnorm[alive], self.index[alive]
         self.alive = self.alive[alive]
         return tuple(t[alive] for t in per_row)
 
 
 def _fixed_point(batch: _Batch, max_iter: int) -> None:
-    """u <- g + J^T u per set until the residual u_next - u meets tol. A set that fails
-    keeps its iterate of smallest residual."""
+    """u_1 = g, u_{m+1} = g + J^T u_m per set until the residual u_{m+1} - u_m of u_m meets
+    tol. u_m = sum_{i<m} (J^T)^i g is also the gradient of m EM steps unrolled at the fit, which
+    is what a set that does not converge gets: its last iterate before the cap (or before an
+    overflow)."""
     u = batch.g.clone()
     for it in range(1, max_iter + 1):
         u_next = batch.step.jt(u).add_(batch.g)
@@ -418,7 +430,13 @@ def solve_adjoint(
         config: tolerance, iteration cap and solver.
 
     Frozen entries (dead components, sets without weight) are excluded: u is zero there.
-    Does not warn; see :func:`implicit_vjp`.
+    A set fails when its residual does not reach ``config.tol`` within ``config.max_iter``
+    products or when its solution is ill-conditioned (``||u|| > ||g|| / sqrt(eps)``: fewer
+    than half the digits are meaningful, e.g. at a singular optimum where GMRES finds a huge
+    solution of a system that is singular up to rounding). A failed set gets the fixed-point
+    iterate after at most ``max_iter`` products (for GMRES, a fixed-point run after it): the
+    truncated series sum_{i<m} (J^T)^i g, which is exactly the gradient of m EM steps unrolled
+    at the fit; finite, not the implicit gradient. Does not warn; see :func:`implicit_vjp`.
     """
     step = _step if _step is not None else _make_step(x, weights, params, var_floor)
     g = _pack(*grads).masked_fill_(~step.free, 0)
@@ -430,20 +448,28 @@ def solve_adjoint(
         converged=torch.ones(n_sets, dtype=torch.bool, device=g.device),
     )
     gnorm = _norm(g)
+    tol = config.tol_for(x.dtype)
+    max_amplification = torch.finfo(x.dtype).eps ** -0.5
+    solvers = [config.solver] if config.solver == "fixed_point" else [config.solver, "fixed_point"]
     todo = gnorm > 0  # g = 0: u = 0 exactly
-    if not bool(todo.any()):
-        return out
-    everything = bool(todo.all())
-    sub = out if everything else AdjointSolution(*(t[todo] for t in out))
-    batch = _Batch(step if everything else step.subset(todo), g if everything else g[todo], gnorm[todo], config.tol_for(x.dtype), sub)
-    del g
-    if config.solver == "fixed_point":
-        _fixed_point(batch, config.max_iter)
-    else:
-        _gmres(batch, config.max_iter, config.restart)
-    if not everything:
-        for full, part in zip(out, sub):
-            full[todo] = part
+    for solver in solvers:
+        if not bool(todo.any()):
+            break
+        everything = bool(todo.all())
+        sub = out if everything else AdjointSolution(*(t[todo] for t in out))
+        used_before = sub.n_iter.clone()
+        batch = _Batch(step if everything else step.subset(todo), g if everything else g[todo], gnorm[todo], tol, sub)
+        if solver == "fixed_point":
+            _fixed_point(batch, config.max_iter)
+        else:
+            _gmres(batch, config.max_iter, config.restart)
+        sub.n_iter.add_(used_before)
+        amplification = _norm(sub.u) / gnorm[todo]
+        sub.converged.logical_and_(amplification <= max_amplification)
+        if not everything:
+            for full, part in zip(out, sub):
+                full[todo] = part
+        todo = todo & ~out.converged
     return out
 
 
@@ -463,26 +489,25 @@ def implicit_vjp(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, AdjointSolution]:
     """Gradients of L(theta*) for x, weights and the initial parameters, theta* = ``params``
     the converged fit: (g_x (B,N,D), g_w (B,N), g_lw0 (B,K), g_mu0 (B,K,D), g_var0 (B,K,D),
-    the adjoint solution). Warns (:class:`ImplicitGradientWarning`) for sets whose solve did
-    not meet the tolerance; their gradients use the best iterate and stay finite."""
+    the adjoint solution). Warns (:class:`ImplicitGradientWarning`) for sets whose solve
+    failed (see :func:`solve_adjoint`); their gradients stay finite."""
     k, d = params[1].shape[1], params[1].shape[2]
     step = _make_step(x, weights, params, var_floor)
     sol = solve_adjoint(x, weights, params, grads, var_floor, config, _step=step)
     g_x, g_w, _ = step(sol.u, data_grads=True)
     # Frozen entries pass their gradient to the initial parameters, as in the unrolled backward.
-    g_init = _unpack(torch.where(step.free, torch.zeros((), dtype=x.dtype, device=x.device), _pack(*grads)), k, d)
+    g_init = _unpack(_pack(*grads).masked_fill_(step.free, 0), k, d)
     failed = ~sol.converged
     if bool(failed.any()):
-        n_failed = int(failed.sum())
-        worst = float(sol.residual[failed].max())
         warnings.warn(
-            f"implicit backward: the adjoint solve u = g + (dF/dtheta)^T u did not reach tol="
-            f"{config.tol_for(x.dtype):.1e} for {n_failed} of {x.shape[0]} sets (relative residual up to "
-            f"{worst:.1e} after at most {int(sol.n_iter[failed].max())} products, solver={config.solver!r}). "
-            "The fit is not at a strict local optimum (e.g. duplicated points, coinciding or dying components) "
-            "or has not converged; these sets get the gradient of the best iterate (finite, approximate). "
-            "Fit to convergence, raise ImplicitBackward(max_iter=...), try solver='gmres', or use "
-            "backward='unrolled'.",
+            f"implicit backward: the adjoint solve u = g + (dF/dtheta)^T u failed for {int(failed.sum())} of "
+            f"{x.shape[0]} sets (relative residual up to {float(sol.residual[failed].max()):.1e}, tol="
+            f"{config.tol_for(x.dtype):.1e}, or a solution more than 1/sqrt(eps) times larger than g; "
+            f"{int(sol.n_iter[failed].max())} products at most, solver={config.solver!r}). The fit is not "
+            "at a strict local optimum (e.g. duplicated points, coinciding or dying components) or has not "
+            "converged. These sets get the gradient of max_iter EM steps unrolled at the fit instead "
+            "(finite, approximate). Fit to convergence, raise ImplicitBackward(max_iter=...), try "
+            "solver='gmres', or use backward='unrolled'.",
             ImplicitGradientWarning,
             stacklevel=2,
         )
