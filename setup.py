@@ -44,6 +44,11 @@ def _with_cuda() -> bool:
             sys.exit("FORCE_CUDA=1 needs a CUDA-enabled torch; this torch is " + torch.__version__)
         if CUDA_HOME is None:
             sys.exit("FORCE_CUDA=1 needs the CUDA toolkit (nvcc); set CUDA_HOME")
+        if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+            sys.exit(
+                f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h (an nvcc wrapper script on PATH "
+                "can mislead torch's guess): set CUDA_HOME to the toolkit root, e.g. /usr/local/cuda"
+            )
         return True
     return torch.cuda.is_available() and CUDA_HOME is not None
 
