@@ -226,11 +226,15 @@ class _OneStepVJP:
 
     def __call__(self, v: Tensor, data_grads: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]:
         """v (b, P) -> ((dF/dx)^T v (b,N,D), (dF/dw)^T v (b,N), (dF/dtheta)^T v (b,P)), the
-        last one zero on the frozen entries; the first two only if ``data_grads`` (else None)."""
+        last one zero on the frozen entries; with ``data_grads`` only the first two (the
+        last is None), else only the last (the first two are None)."""
         for buf, part in zip(self.upstream, _unpack(v, self.k, self.d)):
             buf[1].copy_(part)
         batch = v.shape[0]
-        if self.chunk >= batch or data_grads:  # data_grads: the x-sized result is needed anyway
+        if data_grads:  # the x-sized result is wanted: one call, no (dF/dtheta)^T v
+            g_x, g_w, *_ = self._backward(slice(None))
+            return g_x, g_w, None
+        if self.chunk >= batch:
             g_x, g_w, g_lw, g_mu, g_var = self._backward(slice(None))
             jtv = _pack(g_lw, g_mu, g_var)
         else:
@@ -238,9 +242,7 @@ class _OneStepVJP:
             for start in range(0, batch, self.chunk):
                 rows = slice(start, start + self.chunk)
                 jtv[rows] = _pack(*self._backward(rows)[2:])
-        if not data_grads:
-            g_x = g_w = None
-        return g_x, g_w, jtv.masked_fill_(~self.free, 0)
+        return None, None, jtv.masked_fill_(~self.free, 0)
 
     def jt(self, v: Tensor) -> Tensor:
         return self(v)[2]

@@ -127,8 +127,8 @@ def test_matches_dense_solve_of_the_lagrangian_optimality_system(K, D):
     function theorem on its KKT system G(z*; x, w) = 0 with z = (pi, mu, v, lambda), Jacobians
     by torch.func.jacrev, dense solve: dL/dx = -(dG/dx)^T (dG/dz)^-T dL/dz. The implicit
     backward must agree to 1e-6 relative."""
-    B, N = 2, 30
-    p = separated_problem(B, N, D, K, var_floor=0.0)
+    B, N = 2, 40
+    p = separated_problem(B, N, D, K, sep=5.0, var_floor=0.0)  # no floor: keep EM's rate well below 1
     assert_converged(p)
     implicit, upstream = _grads(p, "implicit")
     gmm = s2m_ext.fit_gmm(p.x, p.weights, n_iter=T_CONVERGED, init=DiagGMM(*p.init), var_floor=0.0)
@@ -157,8 +157,8 @@ def test_matches_dense_fixed_point_solve_with_a_variance_floor():
     theta = F(theta; x, w) with F the one-step map of the plain-PyTorch reference, dense
     Jacobians by torch.func.jacrev. Checks the gradients, the adjoint u itself, and that the
     residual the solver reports is the true one."""
-    B, N, D, K = 2, 30, 2, 3
-    p = separated_problem(B, N, D, K, var_floor=0.3)
+    B, N, D, K = 2, 40, 2, 3
+    p = separated_problem(B, N, D, K, sep=5.0, var_floor=0.3)
     assert_converged(p)
     implicit, upstream = _grads(p, "implicit")
     gmm = s2m_ext.fit_gmm(p.x, p.weights, n_iter=T_CONVERGED, init=DiagGMM(*p.init), var_floor=p.var_floor)
@@ -256,12 +256,12 @@ def test_singular_optimum_warns_and_stays_finite(solver, device):
     one of the system that rounding makes regular, which the conditioning check rejects). The
     solve says so for that set only, which gets the gradient of max_iter steps unrolled at the
     fit (finite), and set 1, a regular fit in the same batch, stays exact."""
-    p = separated_problem(2, 30, 2, 2, device=device)
+    p = separated_problem(2, 30, 2, 2, sep=6.0, device=device)  # set 1: fast, so 100 products suffice
     p.x[0] = p.x[0, :1]
     p.init[0][0] = torch.tensor([0.3, 0.7], dtype=torch.float64, device=device).log()
     p.init[1][0] = p.x[0, :2]
     p.init[2][0] = 1.0
-    max_iter = 50
+    max_iter = 100
     with pytest.warns(ImplicitGradientWarning, match=r"solve u = g \+ \(dF/dtheta\)\^T u failed for 1 of 2 sets"):
         implicit, upstream = _grads(p, ImplicitBackward(solver=solver, max_iter=max_iter))
     assert all(torch.isfinite(g).all() for g in implicit)
@@ -278,13 +278,13 @@ def test_iteration_cap_gives_the_unrolled_gradient_at_the_fit(solver):
     their reported residual is that of the returned u (recomputed with one more product), u is
     the truncated series g + J^T g, and their gradient is that of 2 EM steps unrolled at the
     fit, for either solver."""
-    p = separated_problem(6, 40, 2, 3, sep=3.0)
+    p = separated_problem(6, 40, 2, 3, sep=3.5)
     assert_converged(p)
     fit = s2m_ext.fit_gmm(p.x, p.weights, n_iter=T_CONVERGED, init=DiagGMM(*p.init), var_floor=p.var_floor)
     grads = [torch.randn_like(t) for t in fit.params()]
     config = ImplicitBackward(solver=solver, max_iter=2, restart=1)
     solution = solve_adjoint(p.x, p.weights, fit.params(), grads, p.var_floor, config)
-    exact = solve_adjoint(p.x, p.weights, fit.params(), grads, p.var_floor)
+    exact = solve_adjoint(p.x, p.weights, fit.params(), grads, p.var_floor, ImplicitBackward(solver="gmres"))
     assert exact.converged.all()
     capped = ~solution.converged
     assert capped.any(), "the cap must bind for some set"
