@@ -27,8 +27,9 @@ more buffers). Each set stops on its own tolerance; finished sets leave the batc
 whose solve fails (tolerance not met within max_iter products, or an ill-conditioned
 solution ||u|| > ||g|| / sqrt(eps), e.g. a singular optimum) gets an
 :class:`ImplicitGradientWarning` and, instead of the implicit gradient, the truncated series
-sum_{i<m} (J^T)^i g with m <= max_iter, which is exactly the gradient of m EM steps unrolled
-at the fit: finite, and what the unrolled backward would give there.
+u_m = sum_{i<m} (J^T)^i g of smallest residual among m <= max_iter: the gradient of m EM steps
+unrolled at the fit, finite, and bounded where the series diverges (at a fit that is not a
+stable fixed point).
 
 Parameters the fixed-point equation does not determine are treated like the unrolled
 backward treats them, exactly:
@@ -106,8 +107,8 @@ class ImplicitBackward:
         max_iter: most products with J^T per set (each costs about one EM iteration);
             default 1000. A set that has not met ``tol`` by then (or whose solution is
             ill-conditioned) gets an :class:`ImplicitGradientWarning` and, instead of the
-            implicit gradient, the gradient of ``max_iter`` EM steps unrolled at the fit
-            (finite).
+            implicit gradient, the gradient of m <= ``max_iter`` EM steps unrolled at the
+            fit (finite; see :func:`solve_adjoint`).
         solver: ``"fixed_point"`` (default): u <- g + J^T u, about ten parameter-sized
             (B, K + 2KD) buffers, converges at EM's own linear rate. ``"gmres"``: restarted GMRES per set
             on (I - J^T) u = g, far fewer products when EM converges slowly, at the cost of
@@ -253,7 +254,8 @@ class AdjointSolution(NamedTuple):
 
     u: (B, P) solution of u = g + J^T u (zero on frozen entries), P = K + 2KD packed as
         (log_weights, means flattened, variances flattened). Where the solve failed: the
-        truncated series sum_{i<m} (J^T)^i g, m <= max_iter (see :func:`solve_adjoint`).
+        truncated series sum_{i<m} (J^T)^i g of smallest residual, m <= max_iter (see
+        :func:`solve_adjoint`).
     n_iter: (B,) int64 products with J^T each set used.
     residual: (B,) float64 ``||g + J^T u - u|| / ||g||`` of the returned u (0 where g = 0,
         inf where the next iterate overflowed).
@@ -268,28 +270,36 @@ class AdjointSolution(NamedTuple):
 
 
 class _Batch:
-    """The sets a solver is still working on. Finished sets stay in the batch (their rows are
-    zeroed so that their wasted products stay finite) until at most half the rows are alive;
-    then the batch is compacted. This bounds the wasted work by 2x while the copies of x a
-    compaction makes never exceed half of x at a time."""
+    """The sets a solver is still working on, and the best (smallest-residual) iterate of
+    each. Finished sets stay in the batch (their rows are zeroed so that their wasted products
+    stay finite) until at most half the rows are alive; then the batch is compacted. This
+    bounds the wasted work by 2x while the copies of x a compaction makes never exceed half
+    of x at a time."""
 
     def __init__(self, step: _OneStepVJP, g: Tensor, gnorm: Tensor, tol: float, out: AdjointSolution):
         self.step, self.g, self.gnorm, self.tol, self.out = step, g, gnorm, tol, out
         self.index = torch.arange(g.shape[0], device=g.device)  # rows of `out`
         self.alive = torch.ones(g.shape[0], dtype=torch.bool, device=g.device)
+        self.best = torch.full_like(gnorm, math.inf)
+        self.best_u = torch.zeros_like(g)
 
     def record(self, u: Tensor, res: Tensor, n_iter: int, give_up: bool) -> Tensor:
-        """Note the residual ``res`` of the (finite) iterate ``u`` after ``n_iter`` products;
-        finish the rows that met tol, whose next iterate is not finite, or, with ``give_up``,
-        all alive rows, writing u and res to the output. Returns the rows still alive."""
+        """Note the relative residual ``res`` of the iterate ``u`` after ``n_iter`` products.
+        Rows that met tol finish with u; rows whose residual is not finite (an overflow) or,
+        with ``give_up``, all alive rows finish with their best iterate. Returns the rows that
+        are still alive."""
         res = torch.where(torch.isfinite(res), res, torch.full_like(res, math.inf))
+        better = self.alive & (res < self.best)
+        if bool(better.any()):
+            self.best_u[better] = u[better]
+            self.best[better] = res[better]
         ok = res <= self.tol
         stop = self.alive & (ok | torch.isinf(res) | give_up)
         self.out.n_iter[self.index[self.alive]] = n_iter
         if bool(stop.any()):
             rows = self.index[stop]
-            self.out.u[rows] = u[stop]
-            self.out.residual[rows] = res[stop]
+            self.out.u[rows] = self.best_u[stop]  # = u where ok: the residual just fell below all others
+            self.out.residual[rows] = self.best[stop]
             self.out.converged[rows] = ok[stop]
             self.alive = self.alive & ~stop
         return self.alive
@@ -301,15 +311,14 @@ class _Batch:
         if 2 * int(alive.sum()) > alive.numel():
             return per_row
         self.step, self.g, self.gnorm, self.index = self.step.subset(alive), self.g[alive], self.gnorm[alive], self.index[alive]
-        self.alive = self.alive[alive]
+        self.best, self.best_u, self.alive = self.best[alive], self.best_u[alive], self.alive[alive]
         return tuple(t[alive] for t in per_row)
 
 
 def _fixed_point(batch: _Batch, max_iter: int) -> None:
     """u_1 = g, u_{m+1} = g + J^T u_m per set until the residual u_{m+1} - u_m of u_m meets
-    tol. u_m = sum_{i<m} (J^T)^i g is also the gradient of m EM steps unrolled at the fit, which
-    is what a set that does not converge gets: its last iterate before the cap (or before an
-    overflow)."""
+    tol. u_m = sum_{i<m} (J^T)^i g is also the adjoint of m EM steps unrolled at the fit: a set
+    that does not converge gets the u_m of smallest residual (m <= max_iter)."""
     u = batch.g.clone()
     for it in range(1, max_iter + 1):
         u_next = batch.step.jt(u).add_(batch.g)
@@ -436,9 +445,10 @@ def solve_adjoint(
     products or when its solution is ill-conditioned (``||u|| > ||g|| / sqrt(eps)``: fewer
     than half the digits are meaningful, e.g. at a singular optimum where GMRES finds a huge
     solution of a system that is singular up to rounding). A failed set gets the fixed-point
-    iterate after at most ``max_iter`` products (for GMRES, a fixed-point run after it): the
-    truncated series sum_{i<m} (J^T)^i g, which is exactly the gradient of m EM steps unrolled
-    at the fit; finite, not the implicit gradient. Does not warn; see :func:`implicit_vjp`.
+    iterate u_m = sum_{i<m} (J^T)^i g of smallest residual among m <= ``max_iter`` (for GMRES,
+    from a fixed-point run after it), which is exactly the adjoint of m EM steps unrolled at
+    the fit: finite and bounded, not the implicit gradient. Does not warn; see
+    :func:`implicit_vjp`.
     """
     step = _step if _step is not None else _make_step(x, weights, params, var_floor)
     g = _pack(*grads).masked_fill_(~step.free, 0)
@@ -507,8 +517,8 @@ def implicit_vjp(
             f"{config.tol_for(x.dtype):.1e}, or a solution more than 1/sqrt(eps) times larger than g; "
             f"{int(sol.n_iter[failed].max())} products at most, solver={config.solver!r}). The fit is not "
             "at a strict local optimum (e.g. duplicated points, coinciding or dying components) or has not "
-            "converged. These sets get the gradient of max_iter EM steps unrolled at the fit instead "
-            "(finite, approximate). Fit to convergence, raise ImplicitBackward(max_iter=...), try "
+            "converged. These sets get instead the gradient of m <= max_iter EM steps unrolled at the "
+            "fit, m the iterate of smallest residual (finite, approximate). Fit to convergence, raise ImplicitBackward(max_iter=...), try "
             "solver='gmres', or use backward='unrolled'.",
             ImplicitGradientWarning,
             stacklevel=2,

@@ -238,13 +238,34 @@ def test_dead_component_passes_its_gradient_to_the_init_like_unrolled(solver, de
     assert torch.equal(implicit[3][:, :2], torch.zeros_like(implicit[3][:, :2]))
 
 
-def _unrolled_at_the_fit(p: Problem, fit: DiagGMM, n_iter: int, upstream):
-    """Gradients (x, weights) of the same loss through n_iter EM steps unrolled from the fit
-    itself: at a fixed point, the truncated series sum_{i<n_iter} (J^T)^i g of the adjoint."""
-    x, w = (t.detach().clone().requires_grad_() for t in (p.x, p.weights))
-    gmm = s2m_ext.fit_gmm(x, w, n_iter=n_iter, init=fit, var_floor=p.var_floor)
-    loss = sum((a * c).sum() for a, c in zip(gmm.params(), upstream[:3])) + gmm.log_prob(upstream[3]).sum()
-    return torch.autograd.grad(loss, (x, w))
+def _unrolled_at_the_fit(p: Problem, fit: DiagGMM, n_iter, upstream, pool=False):
+    """Per set b, gradients (x[b], weights[b]) of the test loss through n_iter[b] EM steps
+    unrolled from the fit itself: at a fixed point, the adjoint of those steps is the
+    truncated series sum_{i<n_iter[b]} (J^T)^i g."""
+    out = []
+    for b, steps in enumerate(n_iter):
+        x, w = (t[b : b + 1].detach().clone().requires_grad_() for t in (p.x, p.weights))
+        gmm = s2m_ext.fit_gmm(x, w, n_iter=int(steps), init=fit[b], var_floor=p.var_floor)
+        loss = sum((a * c[b : b + 1]).sum() for a, c in zip(gmm.params(), upstream[:3]))
+        if len(upstream) > 3:
+            loss = loss + gmm.log_prob(upstream[3][b : b + 1]).sum()
+        out.append([t[0] for t in torch.autograd.grad(loss, (x, w))])
+    return [torch.stack(t) for t in zip(*out)]
+
+
+def _smallest_residual_series(step, g, max_iter):
+    """u_m = sum_{i<m} (J^T)^i g for m = 1..max_iter: (the u_m of smallest residual
+    ||g + J^T u_m - u_m|| (first one on ties), its m, that residual relative to ||g||) per set."""
+    u, best_u = g.clone(), g.clone()
+    best = torch.full((g.shape[0],), math.inf, dtype=torch.float64)
+    best_m = torch.zeros(g.shape[0], dtype=torch.long)
+    for m in range(1, max_iter + 1):
+        u_next = g + step.jt(u)
+        res = (u_next - u).norm(dim=1) / g.norm(dim=1)
+        better = res < best
+        best_u[better], best[better], best_m[better] = u[better], res[better], m
+        u = u_next
+    return best_u, best_m, best
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -254,8 +275,9 @@ def test_singular_optimum_warns_and_stays_finite(solver, device):
     coincide, every responsibility equals the mixture weight and F leaves the weights as they
     are (dF/dlog pi has the eigenvalue 1): u = g + J^T u has no solution (GMRES finds a huge
     one of the system that rounding makes regular, which the conditioning check rejects). The
-    solve says so for that set only, which gets the gradient of max_iter steps unrolled at the
-    fit (finite), and set 1, a regular fit in the same batch, stays exact."""
+    solve says so for that set only, which gets the gradient of the m <= max_iter EM steps
+    unrolled at the fit whose adjoint has the smallest residual (finite), and set 1, a regular
+    fit in the same batch, stays exact."""
     p = separated_problem(2, 30, 2, 2, sep=6.0, device=device)  # set 1: fast, so 100 products suffice
     p.x[0] = p.x[0, :1]
     p.init[0][0] = torch.tensor([0.3, 0.7], dtype=torch.float64, device=device).log()
@@ -268,16 +290,23 @@ def test_singular_optimum_warns_and_stays_finite(solver, device):
     unrolled, _ = _grads(p, "unrolled", upstream=upstream)
     assert_grads_rel([g[1] for g in implicit], [g[1] for g in unrolled], 1e-6, NAMES)
     fit = s2m_ext.fit_gmm(p.x, p.weights, n_iter=T_CONVERGED, init=DiagGMM(*p.init), var_floor=p.var_floor)
-    truncated = _unrolled_at_the_fit(p, fit, max_iter, upstream)
+    params = [t.detach().clone().requires_grad_() for t in fit.params()]
+    loss = sum((a * c).sum() for a, c in zip(params, upstream[:3])) + DiagGMM(*params).log_prob(upstream[3]).sum()
+    grads_on_fit = torch.autograd.grad(loss, params)
+    from s2m_ext.implicit import _make_step, _pack
+
+    step = _make_step(p.x, p.weights, fit.params(), p.var_floor)
+    _, m, _ = _smallest_residual_series(step, _pack(*grads_on_fit), max_iter)
+    truncated = _unrolled_at_the_fit(p, fit, m[:1], upstream)
     assert_grads_rel([g[0] for g in implicit[:2]], [g[0] for g in truncated], 1e-10, NAMES[:2])
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_iteration_cap_gives_the_unrolled_gradient_at_the_fit(solver):
     """max_iter = 2 for regular fits: the sets the cap stops are not converged, warned about,
-    their reported residual is that of the returned u (recomputed with one more product), u is
-    the truncated series g + J^T g, and their gradient is that of 2 EM steps unrolled at the
-    fit, for either solver."""
+    get the truncated series g (+ J^T g) of smallest residual, report that residual (checked
+    with one more product), and their gradient is that of the corresponding 1 or 2 EM steps
+    unrolled at the fit, for either solver."""
     p = separated_problem(6, 40, 2, 3, sep=3.5)
     assert_converged(p)
     fit = s2m_ext.fit_gmm(p.x, p.weights, n_iter=T_CONVERGED, init=DiagGMM(*p.init), var_floor=p.var_floor)
@@ -292,18 +321,49 @@ def test_iteration_cap_gives_the_unrolled_gradient_at_the_fit(solver):
 
     step = _make_step(p.x, p.weights, fit.params(), p.var_floor)
     g = _pack(*grads)
-    series = g + step.jt(g)
-    assert_rel(solution.u[capped], series[capped], 1e-13, "u = g + J^T g")
+    series, m, _ = _smallest_residual_series(step, g, 2)
+    assert_rel(solution.u[capped], series[capped], 1e-13, "u = the truncated series of smallest residual")
     recomputed = (g + step.jt(solution.u) - solution.u).norm(dim=1) / g.norm(dim=1)
     assert_rel(solution.residual, recomputed, 1e-10, "reported residual")
     assert (solution.residual[capped] > DEFAULT_SOLVE_TOL[torch.float64]).all()
     n_capped = int(capped.sum())
     with pytest.warns(ImplicitGradientWarning, match=rf"failed for {n_capped} of 6 sets .* solver='{solver}'"):
         g_x, g_w, *_ = s2m_ext.implicit.implicit_vjp(p.x, p.weights, fit.params(), grads, p.var_floor, config)
-    x, w = (t.clone().requires_grad_() for t in (p.x, p.weights))
-    out = s2m_ext.fit_gmm(x, w, n_iter=2, init=fit, var_floor=p.var_floor)
-    unrolled = torch.autograd.grad(sum((a * c).sum() for a, c in zip(out.params(), grads)), (x, w))
+    unrolled = _unrolled_at_the_fit(p, fit, m, grads)
     assert_grads_rel((g_x[capped], g_w[capped]), [t[capped] for t in unrolled], 1e-10, NAMES[:2])
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_diverging_series_stays_bounded(solver):
+    """Two well-separated clusters fitted by two components started identical: they stay
+    identical, so EM converges to the one-Gaussian fit, a saddle of the likelihood. There J^T
+    has an eigenvalue above 1 (splitting the components raises the likelihood) and one equal
+    to 1 (the weights), so the series diverges. The set fails with a warning and gets the
+    iterate of smallest residual, no larger than the first terms, not the exploding tail."""
+    p = separated_problem(1, 40, 2, 2, sep=6.0)
+    p.init[1][:] = (p.weights.unsqueeze(-1) * p.x).sum(1, keepdim=True) / p.weights.sum()
+    p.init[2][:] = 1.0
+    fit = s2m_ext.fit_gmm(p.x, p.weights, n_iter=50, init=DiagGMM(*p.init), var_floor=p.var_floor)
+    assert torch.equal(fit.means[0, 0], fit.means[0, 1]), "the components stay identical"
+    from s2m_ext.implicit import _make_step, _pack
+
+    grads = [torch.randn_like(t) for t in fit.params()]
+    step = _make_step(p.x, p.weights, fit.params(), p.var_floor)
+    g = _pack(*grads)
+    u = g.clone()
+    for _ in range(100):
+        u = g + step.jt(u)
+    assert u.norm() > 1e6 * g.norm(), "the series diverges at this saddle"
+    with pytest.warns(ImplicitGradientWarning, match="failed for 1 of 1 sets"):
+        g_x, g_w, *_, solution = s2m_ext.implicit.implicit_vjp(
+            p.x, p.weights, fit.params(), grads, p.var_floor, ImplicitBackward(solver=solver, max_iter=100)
+        )
+    assert not solution.converged.any()
+    series, _, best = _smallest_residual_series(step, g, 100)
+    assert_rel(solution.u, series, 1e-12, "the iterate of smallest residual")
+    assert_rel(solution.residual, best, 1e-10, "its residual")
+    assert solution.u.norm() < 1e3 * g.norm()
+    assert torch.isfinite(g_x).all() and torch.isfinite(g_w).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -378,12 +438,12 @@ def test_opcheck(solver, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph_matches_eager(device):
     torch._dynamo.reset()
-    p = separated_problem(3, 20, 3, 2, device=device)
+    p = separated_problem(3, 20, 3, 2, sep=6.0, device=device)
     init = DiagGMM(*p.init)
     z = p.x[:, :4] + 0.1
 
     def fit_and_score(x, w, z):
-        gmm = s2m_ext.fit_gmm(x, w, n_iter=300, init=init, var_floor=1e-3, tol=1e-12, backward="implicit")
+        gmm = s2m_ext.fit_gmm(x, w, n_iter=500, init=init, var_floor=1e-3, tol=1e-12, backward="implicit")
         return gmm.log_prob(z), gmm.means
 
     x = p.x.clone().requires_grad_()
