@@ -1,6 +1,8 @@
 // The one switch between real CUDA (nvcc) and the CPU emulator (g++ -DS2M_CUDA_EMU, used by
 // csrc/cuda/emu/run_emu_tests.sh to check the kernels' logic without a GPU). Kernel sources
 // include this instead of cuda_runtime.h and launch with S2M_LAUNCH. No torch here.
+// S2M_LAUNCH's kernel argument must hold no comma: bind a template instantiation with several
+// arguments to a variable first (auto k = kernel<T, 4>; S2M_LAUNCH(k, ...)).
 #pragma once
 
 #if defined(S2M_CUDA_EMU)

@@ -9,6 +9,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "cuda/cuda_compat.cuh"
 
@@ -119,23 +123,40 @@ struct DeviceLimits {
 };
 
 // Reads the current device's limits (cheap attribute queries; no synchronisation).
+// S2M_CUDA_MAX_SMEM=<bytes> lowers the shared-memory limit the kernels plan with, so that tests
+// and compute-sanitizer runs reach every EM placement on any GPU.
 inline cudaError_t query_device_limits(DeviceLimits* out) {
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
   e = cudaDeviceGetAttribute(&out->max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (e != cudaSuccess) return e;
+  if (const char* cap = std::getenv("S2M_CUDA_MAX_SMEM")) {
+    const long bytes = std::strtol(cap, nullptr, 10);
+    if (bytes > 0 && bytes < out->max_smem_optin) out->max_smem_optin = int(bytes);
+  }
   return cudaDeviceGetAttribute(&out->sm_count, cudaDevAttrMultiProcessorCount, device);
 }
 
-// Raises a kernel's dynamic shared memory limit when it needs more than the default 48 KiB.
+// Raises a kernel's dynamic shared memory limit when it needs more than the default 48 KiB,
+// once per kernel and device (so that a CUDA graph capture after a warm-up calls nothing).
 template <typename Kernel>
 cudaError_t allow_dynamic_smem(Kernel* kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> raised;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& have = raised[{reinterpret_cast<const void*>(kernel), device}];
+  if (have >= bytes) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (e == cudaSuccess) have = bytes;
+  return e;
 }
 
-inline size_t round_up(size_t value, size_t multiple) {
+__host__ __device__ inline size_t round_up(size_t value, size_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
 

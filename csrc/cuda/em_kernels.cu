@@ -511,7 +511,7 @@ S2M_DEV double mean_loglik(T sum, T total_w) {
 
 // ----------------------------------------------------------------------------- forward
 template <typename T, int VEC, bool kXShared>
-__global__ void __launch_bounds__(kEmThreads)
+__global__ void __launch_bounds__(kEmThreads, 1)
     em_forward_kernel(EmForwardArgs<T> a, EmLayout L, T* workspace) {
   S2M_DYNAMIC_SHARED(smem);
   const int64_t b = blockIdx.x;
@@ -785,7 +785,7 @@ S2M_DEV void accumulate_grad_x(const SetCtx<T>& s, const BackwardState<T>& st, T
 }
 
 template <typename T, int VEC, bool kXShared>
-__global__ void __launch_bounds__(kEmThreads)
+__global__ void __launch_bounds__(kEmThreads, 1)
     em_backward_kernel(EmBackwardArgs<T> a, EmLayout L, T* workspace) {
   S2M_DYNAMIC_SHARED(smem);
   const int64_t b = blockIdx.x;
@@ -947,6 +947,11 @@ int em_backward_placement(int64_t N, int64_t D, int64_t K) {
 }
 
 template <typename T>
+int em_placement_for_limit(int64_t N, int64_t D, int64_t K, bool backward, int64_t max_smem) {
+  return make_layout<T>(N, D, K, backward, max_smem).placement;
+}
+
+template <typename T>
 cudaError_t em_forward(const EmForwardArgs<T>& a, void* workspace, cudaStream_t stream) {
   if (a.B == 0) return cudaSuccess;
   EmLayout L;
@@ -973,6 +978,7 @@ cudaError_t em_backward(const EmBackwardArgs<T>& a, void* workspace, cudaStream_
   template size_t em_backward_workspace_bytes<T>(int64_t, int64_t, int64_t, int64_t);     \
   template int em_forward_placement<T>(int64_t, int64_t, int64_t);                         \
   template int em_backward_placement<T>(int64_t, int64_t, int64_t);                        \
+  template int em_placement_for_limit<T>(int64_t, int64_t, int64_t, bool, int64_t);         \
   template cudaError_t em_forward<T>(const EmForwardArgs<T>&, void*, cudaStream_t);        \
   template cudaError_t em_backward<T>(const EmBackwardArgs<T>&, void*, cudaStream_t);
 S2M_INSTANTIATE_EM(float)

@@ -83,11 +83,14 @@ cudaError_t em_forward(const EmForwardArgs<T>& args, void* workspace, cudaStream
 template <typename T>
 cudaError_t em_backward(const EmBackwardArgs<T>& args, void* workspace, cudaStream_t stream);
 
-// Which placement a call gets (for tests and benchmarks; -1 on a device query error).
+// Which placement a call gets (for tests and benchmarks; -1 on a device query error), and
+// which it would get with max_smem bytes of shared memory per block (no device needed).
 template <typename T>
 int em_forward_placement(int64_t N, int64_t D, int64_t K);
 template <typename T>
 int em_backward_placement(int64_t N, int64_t D, int64_t K);
+template <typename T>
+int em_placement_for_limit(int64_t N, int64_t D, int64_t K, bool backward, int64_t max_smem);
 
 }  // namespace cuda
 }  // namespace s2m

@@ -347,8 +347,9 @@ struct PoolArgs {
   PoolPlan plan;
 };
 
+// float: two blocks per SM (<= 128 registers a thread); double keeps its larger tiles' registers.
 template <typename T, int KC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
     score_pool_kernel(PoolArgs<T> a) {
   using Tile = PoolTile<T>;
   constexpr int TM = Tile::TM, BM = Tile::BM, BMP = Tile::BMP, ZPT = Tile::ZPT;
@@ -486,20 +487,11 @@ cudaError_t run_score_pool(const T* z, int64_t M, const MixtureArgs<T>& mix, T* 
   const int64_t row_blocks = (M + PoolTile<T>::BM - 1) / PoolTile<T>::BM;
   const dim3 grid(unsigned(plan.ncol / kPoolBN), unsigned(std::min<int64_t>(row_blocks, 65535)));
   const size_t smem = PoolTile<T>::smem;
-  switch (plan.kc) {
-    case 1:
-      S2M_LAUNCH(score_pool_kernel<T, 1>, grid, dim3(kThreads), smem, stream, a);
-      break;
-    case 2:
-      S2M_LAUNCH(score_pool_kernel<T, 2>, grid, dim3(kThreads), smem, stream, a);
-      break;
-    case 4:
-      S2M_LAUNCH(score_pool_kernel<T, 4>, grid, dim3(kThreads), smem, stream, a);
-      break;
-    default:
-      S2M_LAUNCH(score_pool_kernel<T, 8>, grid, dim3(kThreads), smem, stream, a);
-      break;
-  }
+  auto kernel = plan.kc == 1   ? score_pool_kernel<T, 1>
+                : plan.kc == 2 ? score_pool_kernel<T, 2>
+                : plan.kc == 4 ? score_pool_kernel<T, 4>
+                               : score_pool_kernel<T, 8>;
+  S2M_LAUNCH(kernel, grid, dim3(kThreads), smem, stream, a);
   return cudaGetLastError();
 }
 

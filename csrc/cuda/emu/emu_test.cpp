@@ -101,7 +101,7 @@ template <typename T>
 struct EmProblem {
   Shape s;
   std::vector<T> x, w, lw0, mu0, var0;
-  EmProblem(Shape shape, unsigned seed, bool padding = true) : s(shape) {
+  EmProblem(Shape shape, unsigned seed, bool padding = true, double scale = 1.0) : s(shape) {
     std::mt19937_64 rng(seed);
     std::normal_distribution<double> normal;
     std::uniform_real_distribution<double> unif(0.5, 2.0);
@@ -117,7 +117,7 @@ struct EmProblem {
       for (int64_t n = 0; n < N; ++n) {
         const int64_t k = n % K;
         for (int64_t d = 0; d < D; ++d)
-          x[(b * N + n) * D + d] = T(centres[k * D + d] + (0.5 + 0.1 * k) * normal(rng));
+          x[(b * N + n) * D + d] = T(scale * (centres[k * D + d] + (0.5 + 0.1 * k) * normal(rng)));
         w[b * N + n] = T(padding && N > 3 && n % 7 == 5 ? 0.0 : unif(rng));
       }
       std::vector<double> mean(D, 0.0), var(D, 0.0);
@@ -133,7 +133,7 @@ struct EmProblem {
         lw0[b * K + k] = T(-std::log(double(K)));
         for (int64_t d = 0; d < D; ++d) {
           mu0[(b * K + k) * D + d] = x[(b * N + n) * D + d];
-          var0[(b * K + k) * D + d] = T(var[d] + 1e-3);
+          var0[(b * K + k) * D + d] = T(var[d] + 1e-3 * scale * scale);
         }
       }
     }
@@ -302,6 +302,7 @@ struct EmCase {
   double var_floor;
   double tol;
   bool padding;
+  double scale = 1.0;  // of x (var_floor is given already scaled)
 };
 
 template <typename T>
@@ -324,8 +325,9 @@ void compare_forward(const EmResult<T>& got, const EmResult<T>& want, const std:
 
 template <typename T>
 void compare_backward(const GradResult<T>& got, const GradResult<T>& want, const std::string& tag) {
-  // The backward composes T reversed iterations: allow float32 more than one forward step.
-  const double tol = sizeof(T) == 8 ? 1e-9 : 1e-3;
+  // float32: two float32 computations of the backward differ by up to 8e-5 here (K = 6 with
+  // overlapping components, where dL/dtheta_0 sums large terms of both signs); float64 1e-10.
+  const double tol = sizeof(T) == 8 ? 1e-10 : 2e-4;
   check_close(got.gx, want.gx, tol, tag + " grad x");
   check_close(got.gw, want.gw, tol, tag + " grad w");
   check_close(got.glw, want.glw, tol, tag + " grad log_weights0");
@@ -337,7 +339,7 @@ template <typename T>
 void run_em_case(const EmCase& c, unsigned seed) {
   const std::string tag = std::string(type_name<T>()) + " " + str(c.shape) +
                           " T=" + std::to_string(c.n_iter) + " tol=" + std::to_string(c.tol);
-  EmProblem<T> p(c.shape, seed, c.padding);
+  EmProblem<T> p(c.shape, seed, c.padding, c.scale);
   const int64_t steps = c.n_iter + 1;
   const EmResult<T> want = cpu_forward(p, c.n_iter, c.var_floor, c.tol, true);
   s2m_emu::config().schedule = s2m_emu::Schedule::kForward;
@@ -494,6 +496,12 @@ void run_em_tests() {
       {{3, 50, 8, 3}, 30, 1e-3, 1e-4, true},   // tol: sets stop early
       {{2, 30, 4, 1}, 6, 1e-3, 1e-3, false},   // tol with K = 1
       {{2, 10, 3, 2}, 0, 1e-3, 0.0, true},     // n_iter = 0
+      {{2, 1, 3, 2}, 3, 1e-3, 0.0, false},     // N = 1
+      {{3, 3, 4, 5}, 3, 1e-3, 0.0, false},     // N < K
+      {{3, 15, 1, 2}, 4, 1e-3, 0.0, true},     // D = 1
+      {{2, 25, 5, 2}, 5, 1e-11, 0.0, true, 1e-4},  // tiny scale
+      {{2, 25, 5, 2}, 5, 1e5, 0.0, true, 1e4},     // huge scale
+      {{2, 25, 5, 3}, 5, 0.0, 0.0, true},      // no floor
   };
   unsigned seed = 100;
   for (const EmCase& c : cases) run_em_case<T>(c, seed++);
