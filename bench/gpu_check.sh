@@ -9,7 +9,8 @@
 # It finishes within GPU_CHECK_BUDGET_S seconds (default 530, under the tool's 10-minute limit):
 # every stage has a time cap, and a stage that would start too close to the deadline is skipped
 # and reported as such. GPU_CHECK_STAGES (default "build pytest sanitize targets suite") picks
-# stages. The summary table is printed last (the reply carries the end of the output).
+# stages; GPU_CHECK_PYTEST (default "tests") narrows the test run. The summary table is printed
+# last (the reply carries the end of the output).
 # Copy cuda_targets.json into bench/results/ afterwards: it holds device, torch, date, numbers.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -91,7 +92,9 @@ fi
 if (( built )) && wants pytest; then
   xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-  stage pytest 210 "$OUT/pytest.log" "$PY" -m pytest tests -q -rs -p no:cacheprovider "${xdist[@]}" --durations=15
+  # shellcheck disable=SC2086  # GPU_CHECK_PYTEST may hold several arguments
+  stage pytest 210 "$OUT/pytest.log" "$PY" -m pytest ${GPU_CHECK_PYTEST:-tests} -q -rs -p no:cacheprovider \
+    "${xdist[@]}" --durations=15
 fi
 
 # --------------------------------------------------------------------------- sanitizers
