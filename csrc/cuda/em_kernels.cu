@@ -317,11 +317,18 @@ S2M_DEV void posteriors(const SetCtx<T>& s, bool want_resp) {
       r[k] = l;
       lmax = l > lmax ? l : lmax;
     }
+    // Posteriors as exp(l - lmax) / sum, not exp(l - lse): lse carries a rounding error of
+    // eps |lse|, which exp would turn into a relative error of the posteriors.
     T sum = T(0);
-    for (int k = 0; k < s.K; ++k) sum += std::exp(r[k] - lmax);
+    for (int k = 0; k < s.K; ++k) {
+      const T e = std::exp(r[k] - lmax);
+      if (want_resp) r[k] = e;
+      sum += e;
+    }
     const T lse = lmax + std::log(sum);
     if (want_resp) {
-      for (int k = 0; k < s.K; ++k) r[k] = std::exp(r[k] - lse);
+      const T inv = T(1) / sum;
+      for (int k = 0; k < s.K; ++k) r[k] *= inv;
       for (int k = s.K; k < s.kp; ++k) r[k] = T(0);
     }
     s.pn[n] = s.w[n] != T(0) ? s.w[n] * lse : T(0);

@@ -59,9 +59,12 @@ S2M_DEV T component_log_density(const T* z, const T* mu, const T* iv, T log_norm
   return log_norm - T(0.5) * acc;
 }
 
-// log p(z) = logsumexp_k l_k, accumulated online over k.
+// logsumexp_k l_k = *m + log(*s) with *m = max_k l_k and *s = sum_k exp(l_k - *m), accumulated
+// online over k. Posteriors are then exp(l_k - *m) / *s (not exp(l_k - lse): lse carries a
+// rounding error of eps |lse|, which exp would turn into a relative error).
 template <typename T>
-S2M_DEV T point_log_prob(const T* z, const T* mu, const T* iv, const T* log_norm, int K, int D) {
+S2M_DEV void point_log_sum(const T* z, const T* mu, const T* iv, const T* log_norm, int K, int D,
+                           T* m_out, T* s_out) {
   T m = neg_inf<T>(), s = T(0);
   for (int k = 0; k < K; ++k) {
     const T l = component_log_density(z, mu + k * D, iv + k * D, log_norm[k], D);
@@ -72,6 +75,14 @@ S2M_DEV T point_log_prob(const T* z, const T* mu, const T* iv, const T* log_norm
       s += std::exp(l - m);
     }
   }
+  *m_out = m;
+  *s_out = s;
+}
+
+template <typename T>
+S2M_DEV T point_log_prob(const T* z, const T* mu, const T* iv, const T* log_norm, int K, int D) {
+  T m, s;
+  point_log_sum(z, mu, iv, log_norm, K, D, &m, &s);
   return m + std::log(s);
 }
 
@@ -123,10 +134,12 @@ __global__ void __launch_bounds__(kThreads)
         for (int k = 0; k < K; ++k) gl[p * K + k] = T(0);
         continue;
       }
-      const T lse = point_log_prob(zq, mu, iv, log_norm, K, D);
+      T lmax, sum;
+      point_log_sum(zq, mu, iv, log_norm, K, D, &lmax, &sum);
+      const T g_over_sum = g / sum;
       for (int k = 0; k < K; ++k) {
         const T l = component_log_density(zq, mu + k * D, iv + k * D, log_norm[k], D);
-        gl[p * K + k] = g * std::exp(l - lse);
+        gl[p * K + k] = g_over_sum * std::exp(l - lmax);
       }
     }
     __syncthreads();
@@ -531,9 +544,9 @@ __global__ void __launch_bounds__(kThreads)
     __syncwarp();
     T s = T(0);
     for (int k = 0; k < K; ++k) s += std::exp(l[k] - lmax);
-    const T lse = lmax + std::log(s);
+    const T g_over_sum = g / s;
     for (int k = 0; k < K; ++k) {
-      const T gk = g * std::exp(l[k] - lse);
+      const T gk = g_over_sum * std::exp(l[k] - lmax);
       for (int d = lane(); d < D; d += kWarpSize)
         acc[d] += gk * ((mub[k * D + d] - zm[d]) * ivb[k * D + d]);
     }

@@ -11,6 +11,7 @@
 //     shared-memory limit) give the same results.
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -38,17 +39,17 @@ const char* type_name() {
   return sizeof(T) == 8 ? "float64" : "float32";
 }
 
-// max |a - b| / max(max |b|, tiny); NaN anywhere (unwritten output) fails.
+// max |a - b| / max(max |b|, floor); NaN anywhere (unwritten output) fails.
 template <typename A, typename B>
-double rel_error(const std::vector<A>& a, const std::vector<B>& b) {
+double rel_error(const std::vector<A>& a, const std::vector<B>& b, double floor = 1e-300) {
   if (a.size() != b.size()) return INFINITY;
-  double scale = 0, err = 0;
+  double scale = floor, err = 0;
   for (size_t i = 0; i < a.size(); ++i) {
     if (!std::isfinite(double(a[i])) || !std::isfinite(double(b[i]))) return INFINITY;
     scale = std::max(scale, std::fabs(double(b[i])));
     err = std::max(err, std::fabs(double(a[i]) - double(b[i])));
   }
-  return err / std::max(scale, 1e-300);
+  return err / scale;
 }
 
 void check(bool ok, const std::string& what) {
@@ -324,15 +325,83 @@ void compare_forward(const EmResult<T>& got, const EmResult<T>& want, const std:
 }
 
 template <typename T>
-void compare_backward(const GradResult<T>& got, const GradResult<T>& want, const std::string& tag) {
-  // float32: two float32 computations of the backward differ by up to 8e-5 here (K = 6 with
-  // overlapping components, where dL/dtheta_0 sums large terms of both signs); float64 1e-10.
-  const double tol = sizeof(T) == 8 ? 1e-10 : 2e-4;
-  check_close(got.gx, want.gx, tol, tag + " grad x");
-  check_close(got.gw, want.gw, tol, tag + " grad w");
-  check_close(got.glw, want.glw, tol, tag + " grad log_weights0");
-  check_close(got.gmu, want.gmu, tol, tag + " grad means0");
-  check_close(got.gvar, want.gvar, tol, tag + " grad variances0");
+double max_abs(const GradResult<T>& g) {
+  double m = 0;
+  for (const auto* v : {&g.gx, &g.gw, &g.glw, &g.gmu, &g.gvar})
+    for (T e : *v) m = std::max(m, std::fabs(double(e)));
+  return m;
+}
+
+template <typename T>
+std::vector<double> widen(const std::vector<T>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+// The GPU backward against the CPU backward, gradients relative to the largest gradient of the
+// problem (a single one can vanish by symmetry: the weight of a one-point set). float64: within
+// 1e-10 of the CPU. float32: within max(1e-4, 2 x the float32 CPU's own error) of the CPU in
+// float64 on the same inputs, the bar of tests/test_core_em.py (some gradients are
+// ill-conditioned: differences of large terms at scale 1e4).
+template <typename T>
+void check_backward(const EmProblem<T>& p, const EmResult<T>& cpu_fwd, const EmResult<T>& gpu_fwd,
+                    int64_t n_iter, double var_floor, double tol, const std::vector<T>* g_lw,
+                    const std::vector<T>* g_mu, const std::vector<T>* g_var, const std::string& tag) {
+  const int64_t steps = n_iter + 1;
+  const GradResult<T> got = gpu_backward(p, gpu_fwd, steps, g_lw, g_mu, g_var, var_floor);
+  const GradResult<T> cpu = cpu_backward(p, cpu_fwd, steps, g_lw, g_mu, g_var, var_floor);
+  const char* names[] = {" grad x", " grad w", " grad log_weights0", " grad means0", " grad variances0"};
+  if (sizeof(T) == 8) {
+    const double scale = std::max(max_abs(cpu), 1e-300);
+    const std::vector<T>* a[] = {&got.gx, &got.gw, &got.glw, &got.gmu, &got.gvar};
+    const std::vector<T>* b[] = {&cpu.gx, &cpu.gw, &cpu.glw, &cpu.gmu, &cpu.gvar};
+    for (int i = 0; i < 5; ++i) {
+      const double e = rel_error(*a[i], *b[i], scale);
+      check(e <= 1e-10, tag + names[i] + ": relative error " + std::to_string(e) + " > 1e-10");
+    }
+    return;
+  }
+  EmProblem<double> pd({p.s.B, p.s.N, p.s.D, p.s.K}, 0);
+  pd.x = widen(p.x);
+  pd.w = widen(p.w);
+  pd.lw0 = widen(p.lw0);
+  pd.mu0 = widen(p.mu0);
+  pd.var0 = widen(p.var0);
+  const EmResult<double> fwd64 = cpu_forward(pd, n_iter, var_floor, tol, true);
+  if (std::getenv("EMU_VERBOSE"))  // EMU_VERBOSE=1: print the float32 errors against float64
+    std::printf("%s forward vs float64: gpu mu %.2e var %.2e lw %.2e | cpu mu %.2e var %.2e lw %.2e\n",
+                tag.c_str(), rel_error(gpu_fwd.mu, fwd64.mu), rel_error(gpu_fwd.var, fwd64.var),
+                rel_error(gpu_fwd.lw, fwd64.lw), rel_error(cpu_fwd.mu, fwd64.mu),
+                rel_error(cpu_fwd.var, fwd64.var), rel_error(cpu_fwd.lw, fwd64.lw));
+  if (fwd64.used != cpu_fwd.used) {  // tol stopped some set at another iteration in float64
+    const double scale = max_abs(cpu);
+    check(rel_error(got.gx, cpu.gx, scale) <= 2e-4 && rel_error(got.gmu, cpu.gmu, scale) <= 2e-4,
+          tag + ": float32 GPU and CPU backward differ by more than 2e-4");
+    return;
+  }
+  std::vector<double> glw, gmu, gvar;
+  if (g_lw) {
+    glw = widen(*g_lw);
+    gmu = widen(*g_mu);
+    gvar = widen(*g_var);
+  }
+  const GradResult<double> exact = cpu_backward(pd, fwd64, steps, g_lw ? &glw : nullptr,
+                                                g_lw ? &gmu : nullptr, g_lw ? &gvar : nullptr,
+                                                var_floor);
+  const double scale = std::max(max_abs(exact), 1e-300);
+  const bool verbose = std::getenv("EMU_VERBOSE") != nullptr;
+  const GradResult<T> on_cpu = verbose ? gpu_backward(p, cpu_fwd, steps, g_lw, g_mu, g_var, var_floor) : got;
+  const std::vector<T>* o[] = {&on_cpu.gx, &on_cpu.gw, &on_cpu.glw, &on_cpu.gmu, &on_cpu.gvar};
+  const std::vector<T>* a[] = {&got.gx, &got.gw, &got.glw, &got.gmu, &got.gvar};
+  const std::vector<T>* c[] = {&cpu.gx, &cpu.gw, &cpu.glw, &cpu.gmu, &cpu.gvar};
+  const std::vector<double>* x[] = {&exact.gx, &exact.gw, &exact.glw, &exact.gmu, &exact.gvar};
+  for (int i = 0; i < 5; ++i) {
+    const double bar = std::max(1e-4, 2 * rel_error(*c[i], *x[i], scale));
+    const double e = rel_error(*a[i], *x[i], scale);
+    if (verbose)  // the GPU backward on the CPU's trajectory separates the two sources of error
+      std::printf("%s%s: error gpu %.2e, cpu %.2e, gpu on the cpu trajectory %.2e\n", tag.c_str(),
+                  names[i], e, rel_error(*c[i], *x[i], scale), rel_error(*o[i], *x[i], scale));
+    check(e <= bar, tag + names[i] + ": relative error " + std::to_string(e) + " > " + std::to_string(bar));
+  }
 }
 
 template <typename T>
@@ -356,9 +425,8 @@ void run_em_case(const EmCase& c, unsigned seed) {
   const auto g_lw = random_vector<T>(steps * BK, seed + 1);
   const auto g_mu = random_vector<T>(steps * BKD, seed + 2);
   const auto g_var = random_vector<T>(steps * BKD, seed + 3);
-  const GradResult<T> gwant = cpu_backward(p, want, steps, &g_lw, &g_mu, &g_var, c.var_floor);
+  check_backward(p, want, got, c.n_iter, c.var_floor, c.tol, &g_lw, &g_mu, &g_var, "em_backward " + tag);
   const GradResult<T> ggot = gpu_backward(p, got, steps, &g_lw, &g_mu, &g_var, c.var_floor);
-  compare_backward(ggot, gwant, "em_backward " + tag);
 
   // Determinism: another thread schedule gives the same bits.
   s2m_emu::config().schedule = s2m_emu::Schedule::kReverse;
@@ -439,12 +507,9 @@ void run_edge_cases(unsigned seed) {
     const auto g_lw = random_vector<T>(6 * 6, seed + 1);
     const auto g_mu = random_vector<T>(6 * 36, seed + 2);
     const auto g_var = random_vector<T>(6 * 36, seed + 3);
-    compare_backward(gpu_backward(p, got, 6, &g_lw, &g_mu, &g_var, 1e-3),
-                     cpu_backward(p, want, 6, &g_lw, &g_mu, &g_var, 1e-3),
-                     "em_backward dead component " + tag);
-    compare_backward(gpu_backward<T>(p, got, 6, nullptr, nullptr, nullptr, 1e-3),
-                     cpu_backward<T>(p, want, 6, nullptr, nullptr, nullptr, 1e-3),
-                     "em_backward without gradient " + tag);
+    check_backward(p, want, got, 5, 1e-3, 0.0, &g_lw, &g_mu, &g_var, "em_backward dead component " + tag);
+    check_backward<T>(p, want, got, 5, 1e-3, 0.0, nullptr, nullptr, nullptr,
+                      "em_backward without gradient " + tag);
   }
   {
     // Set 1 has no weight (only reachable with validation off): parameters kept, finite.
@@ -456,9 +521,7 @@ void run_edge_cases(unsigned seed) {
     const auto g_lw = random_vector<T>(4 * 4, seed + 1);
     const auto g_mu = random_vector<T>(4 * 20, seed + 2);
     const auto g_var = random_vector<T>(4 * 20, seed + 3);
-    compare_backward(gpu_backward(p, got, 4, &g_lw, &g_mu, &g_var, 1e-3),
-                     cpu_backward(p, want, 4, &g_lw, &g_mu, &g_var, 1e-3),
-                     "em_backward zero-weight set " + tag);
+    check_backward(p, want, got, 3, 1e-3, 0.0, &g_lw, &g_mu, &g_var, "em_backward zero-weight set " + tag);
   }
   {
     // var_floor = 0 and duplicated points: the variance clamp engages.
@@ -479,9 +542,7 @@ void run_edge_cases(unsigned seed) {
     const auto g_lw = random_vector<T>(4 * 2, seed + 1);
     const auto g_mu = random_vector<T>(4 * 6, seed + 2);
     const auto g_var = random_vector<T>(4 * 6, seed + 3);
-    compare_backward(gpu_backward(p, got, 4, &g_lw, &g_mu, &g_var, 0.0),
-                     cpu_backward(p, want, 4, &g_lw, &g_mu, &g_var, 0.0),
-                     "em_backward clamped variance " + tag);
+    check_backward(p, want, got, 3, 0.0, 0.0, &g_lw, &g_mu, &g_var, "em_backward clamped variance " + tag);
   }
 }
 

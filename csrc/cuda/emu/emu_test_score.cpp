@@ -1,5 +1,5 @@
-// Emulator checks of the scoring and k-means++ kernels against the CPU per-point math of
-// csrc/cpu/diag_gauss.h (computed in float64). See emu_test.cpp for what the checks assert.
+// Emulator checks of the scoring and k-means++ kernels against direct float64 formulas and the
+// k-means++ rule of csrc/cpu/kmeanspp_cpu.cpp. See emu_test.cpp for what the checks assert.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -8,7 +8,6 @@
 #include <string>
 #include <vector>
 
-#include "cpu/diag_gauss.h"
 #include "cuda/kmeanspp_kernels.cuh"
 #include "cuda/score_kernels.cuh"
 
@@ -93,32 +92,49 @@ std::vector<double> to_double(const std::vector<T>& v) {
   return std::vector<double>(v.begin(), v.end());
 }
 
-// Reference log p and its gradients for set b at query z (float64, cpu/diag_gauss.h).
+// Reference log p and its gradients for set b at query z, in float64, written out directly.
 struct Ref {
   int64_t K, D;
-  std::vector<double> lw, mu, var, inv_var, log_norm;
+  std::vector<double> lw, mu, var;
   template <typename T>
   explicit Ref(const Mixtures<T>& m)
-      : K(m.K), D(m.D), lw(to_double(m.lw)), mu(to_double(m.mu)), var(to_double(m.var)) {
-    inv_var.resize(m.B * K * D);
-    log_norm.resize(m.B * K);
-    for (int64_t b = 0; b < m.B; ++b)
-      s2m::cpu::precompute_components(lw.data() + b * K, var.data() + b * K * D, K, D,
-                                      inv_var.data() + b * K * D, log_norm.data() + b * K);
-  }
+      : K(m.K), D(m.D), lw(to_double(m.lw)), mu(to_double(m.mu)), var(to_double(m.var)) {}
   double log_prob(int64_t b, const double* z, double* resp = nullptr) const {
     std::vector<double> l(K);
-    return s2m::cpu::point_log_densities(z, mu.data() + b * K * D, inv_var.data() + b * K * D,
-                                         log_norm.data() + b * K, K, D, l.data(), resp);
+    double lmax = -INFINITY;
+    for (int64_t k = 0; k < K; ++k) {
+      const double* m = mu.data() + (b * K + k) * D;
+      const double* v = var.data() + (b * K + k) * D;
+      double acc = 0;
+      for (int64_t d = 0; d < D; ++d)
+        acc += std::log(2 * M_PI * v[d]) + (z[d] - m[d]) * (z[d] - m[d]) / v[d];
+      l[k] = lw[b * K + k] - 0.5 * acc;
+      lmax = std::max(lmax, l[k]);
+    }
+    double sum = 0;
+    for (int64_t k = 0; k < K; ++k) sum += std::exp(l[k] - lmax);
+    const double lse = lmax + std::log(sum);
+    if (resp != nullptr)
+      for (int64_t k = 0; k < K; ++k) resp[k] = std::exp(l[k] - lse);
+    return lse;
   }
   // Adds the gradients of g * log p_b(z).
   void backward(int64_t b, const double* z, double g, double* g_lw, double* g_mu, double* g_var,
                 double* g_z) const {
-    std::vector<double> resp(K), g_l(K);
+    std::vector<double> resp(K);
     log_prob(b, z, resp.data());
-    for (int64_t k = 0; k < K; ++k) g_l[k] = g * resp[k];
-    s2m::cpu::point_log_densities_backward(z, mu.data() + b * K * D, inv_var.data() + b * K * D,
-                                           g_l.data(), K, D, g_lw, g_mu, g_var, g_z);
+    for (int64_t k = 0; k < K; ++k) {
+      const double gl = g * resp[k];
+      const double* m = mu.data() + (b * K + k) * D;
+      const double* v = var.data() + (b * K + k) * D;
+      g_lw[k] += gl;
+      for (int64_t d = 0; d < D; ++d) {
+        const double e = (z[d] - m[d]) / v[d];
+        g_mu[k * D + d] += gl * e;
+        g_var[k * D + d] += 0.5 * gl * (e * e - 1 / v[d]);
+        g_z[d] -= gl * e;
+      }
+    }
   }
 };
 
