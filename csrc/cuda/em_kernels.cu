@@ -1,12 +1,16 @@
 // Fused batched EM for diagonal GMMs on the GPU: forward (T iterations in one launch) and the
 // analytic backward (T iterations in reverse in one launch). Torch-free.
 //
-// Map of this file (same math and order of operations as csrc/cpu/em_set.h):
+// Map of this file (the math and rules of csrc/cpu/em_set.h and csrc/common/gmm_math.h):
 //   e_step()              responsibilities and log-likelihood under theta   (cpu: e_step)
+//     MahalanobisTerm, posteriors()                     its per-(n,k) sums and the softmax
 //   m_step()              theta_next from the responsibilities              (cpu: m_step)
+//     component_mass(), WeightedMeanTerm, VarianceTerm  Nk, the means, the centred variances
 //   em_forward_kernel     the iteration loop, tol stop, K = 1 shortcut       (cpu: em_forward_set)
-//   m_step_backward()     reverse of one M-step                              (cpu: m_step_backward)
-//   e_step_backward()     reverse of the E-step into theta_{t-1} and x       (cpu: em_backward_set)
+//   m_step_backward()     reverse of one M-step, through q = w r and the softmax
+//                                                                            (cpu: m_step_backward)
+//   accumulate_grad_x(), LogDensityGradTerm
+//                         reverse of the E-step into x and theta_{t-1}       (cpu: em_backward_set)
 //   em_backward_kernel    the reverse loop over the trajectory               (cpu: em_backward_set)
 //
 // Work split inside a block (one block = one set): the reductions of EM go over d for each
