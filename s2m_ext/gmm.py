@@ -293,17 +293,19 @@ def fit_gmm(
         x, weights, n_components, n_iter, init, var_floor, generator, tol, seeder=ops.kmeanspp
     )
     if implicit_config is not None:
-        gmm = DiagGMM._from_fit(
-            *implicit.fit_implicit(x, weights, init_params, cfg["n_iter"], cfg["var_floor"], cfg["tol"], implicit_config)
+        lw, mu, var, loglik, used, converged = implicit.fit_implicit(
+            x, weights, init_params, cfg["n_iter"], cfg["var_floor"], cfg["tol"], implicit_config
         )
     else:
         keep_trajectory = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, *init_params))
         lw, mu, var, loglik, used, converged = ops.em_fit(
             x, weights, *init_params, cfg["n_iter"], cfg["var_floor"], cfg["tol"], keep_trajectory
         )
-        gmm = DiagGMM._from_fit(lw[-1], mu[-1], var[-1], loglik, used, converged)
+        lw, mu, var = lw[-1], mu[-1], var[-1]
+    # float16/bfloat16 are fitted in float32 (see _ops.fit_dtype); the parameters come back in x.dtype.
+    gmm = DiagGMM._from_fit(lw.to(x.dtype), mu.to(x.dtype), var.to(x.dtype), loglik, used, converged)
     if cfg["tol"] > 0 and V.value_checks_enabled():
-        stalled = int((~gmm.converged).sum())
+        stalled = int((~converged).sum())
         if stalled:
             warnings.warn(
                 f"{stalled} of {x.shape[0]} sets did not converge within n_iter={cfg['n_iter']} "

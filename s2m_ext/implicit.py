@@ -59,7 +59,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._ops import ops
+from ._ops import fit_dtype, ops
 
 __all__ = [
     "ImplicitBackward",
@@ -236,8 +236,7 @@ class _OneStepVJP:
             g_x, g_w, *_ = self._backward(slice(None))
             return g_x, g_w, None
         if self.chunk >= batch:
-            g_x, g_w, g_lw, g_mu, g_var = self._backward(slice(None))
-            jtv = _pack(g_lw, g_mu, g_var)
+            jtv = _pack(*self._backward(slice(None))[2:]).to(v.dtype)  # (float16/bfloat16 x: from x.dtype)
         else:
             jtv = torch.empty_like(v)
             for start in range(0, batch, self.chunk):
@@ -461,7 +460,7 @@ def solve_adjoint(
     )
     gnorm = _norm(g)
     tol = config.tol_for(x.dtype)
-    max_amplification = torch.finfo(x.dtype).eps ** -0.5
+    max_amplification = torch.finfo(g.dtype).eps ** -0.5
     solvers = [config.solver] if config.solver == "fixed_point" else [config.solver, "fixed_point"]
     todo = gnorm > 0  # g = 0: u = 0 exactly
     for solver in solvers:
@@ -501,7 +500,9 @@ def implicit_vjp(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, AdjointSolution]:
     """Gradients of L(theta*) for x, weights and the initial parameters, theta* = ``params``
     the converged fit: (g_x (B,N,D), g_w (B,N), g_lw0 (B,K), g_mu0 (B,K,D), g_var0 (B,K,D),
-    the adjoint solution). Warns (:class:`ImplicitGradientWarning`) for sets whose solve
+    the adjoint solution). ``params`` and ``grads`` come in em_fit's dtype
+    (:func:`s2m_ext._ops.fit_dtype`: float32 for float16/bfloat16 x), the gradients in the
+    dtypes of x, weights and the initial parameters (x's). Warns (:class:`ImplicitGradientWarning`) for sets whose solve
     failed (see :func:`solve_adjoint`); their gradients stay finite."""
     k, d = params[1].shape[1], params[1].shape[2]
     step = _make_step(x, weights, params, var_floor)
@@ -523,7 +524,7 @@ def implicit_vjp(
             ImplicitGradientWarning,
             stacklevel=2,
         )
-    return g_x, g_w, *(t.contiguous() for t in g_init), sol
+    return g_x, g_w, *(t.contiguous().to(x.dtype) for t in g_init), sol
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -559,7 +560,8 @@ def _em_fit_implicit(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """s2m::em_fit_implicit: em_fit without a trajectory, differentiated implicitly. Returns
     the final (log_weights (B,K), means (B,K,D), variances (B,K,D), loglik (B),
-    n_iter_used (B), converged (B)). The solve settings only matter for the backward."""
+    n_iter_used (B), converged (B)), the first four in em_fit's dtype (float32 for
+    float16/bfloat16 x). The solve settings only matter for the backward."""
     lw, mu, var, loglik, used, converged = ops.em_fit(
         x, weights, log_weights, means, variances, n_iter, var_floor, tol, False
     )
@@ -568,11 +570,12 @@ def _em_fit_implicit(
 
 def _em_fit_implicit_fake(x, weights, log_weights, means, variances, n_iter, var_floor, tol, solve_tol, solve_max_iter, solver, restart):
     batch = x.shape[0]
+    dtype = fit_dtype(x.dtype)
     return (
-        torch.empty_like(log_weights),
-        torch.empty_like(means),
-        torch.empty_like(variances),
-        x.new_empty(batch),
+        log_weights.new_empty(log_weights.shape, dtype=dtype),
+        means.new_empty(means.shape, dtype=dtype),
+        variances.new_empty(variances.shape, dtype=dtype),
+        x.new_empty(batch, dtype=dtype),
         x.new_empty(batch, dtype=torch.long),
         x.new_empty(batch, dtype=torch.bool),
     )
@@ -603,12 +606,13 @@ def _em_fit_implicit_backward(
 
 
 def _em_fit_implicit_backward_fake(grad_log_weights, grad_means, grad_variances, x, weights, log_weights, means, variances, *_):
+    # The initial parameters have x's dtype (the fit's may be float32 for float16/bfloat16 x).
     return (
         torch.empty_like(x),
         torch.empty_like(weights),
-        torch.empty_like(log_weights),
-        torch.empty_like(means),
-        torch.empty_like(variances),
+        x.new_empty(log_weights.shape),
+        x.new_empty(means.shape),
+        x.new_empty(variances.shape),
     )
 
 
@@ -632,8 +636,9 @@ def _backward(ctx, g_lw, g_mu, g_var, _g_loglik, _g_used, _g_converged):
     x, weights, lw, mu, var = ctx.saved_tensors
     fill = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
     g_lw, g_mu, g_var = fill(g_lw, lw), fill(g_mu, mu), fill(g_var, var)
-    if ctx.n_iter == 0:  # no EM step ran: the output is the initial parameters
-        return torch.zeros_like(x), torch.zeros_like(weights), g_lw, g_mu, g_var, *([None] * 7)
+    if ctx.n_iter == 0:  # no EM step ran: the output is the initial parameters (in x's dtype)
+        init_grads = (g.to(x.dtype) for g in (g_lw, g_mu, g_var))
+        return torch.zeros_like(x), torch.zeros_like(weights), *init_grads, *([None] * 7)
     grads = torch.ops.s2m.em_fit_implicit_backward(g_lw, g_mu, g_var, x, weights, lw, mu, var, *ctx.settings)
     return (*grads, *([None] * 7))
 
