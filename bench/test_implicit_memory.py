@@ -178,20 +178,29 @@ def forward_stop(args: argparse.Namespace, tol: float = 1e-4) -> Dict[str, float
     return out
 
 
-def measure(variants: List[str], **sizes) -> Dict[str, Dict[str, float]]:
-    """Run each variant in its own subprocess; returns {variant: measurements}."""
-    results = {}
+def measure(variants: List[str], runs: int = 3, **sizes) -> Dict[str, Dict[str, float]]:
+    """Run each variant in ``runs`` fresh subprocesses, interleaved; returns {variant: the
+    median of each measurement over the runs}."""
+    samples: Dict[str, List[Dict[str, float]]] = {v: [] for v in variants}
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    for variant in variants:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--variant", variant]
-        for key, value in sizes.items():
-            cmd += [f"--{key}", str(value)]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f"{variant} failed:\n{out.stderr}")
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-    return results
+    for _ in range(runs):
+        for variant in variants:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", "--variant", variant]
+            for key, value in sizes.items():
+                cmd += [f"--{key}", str(value)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                raise RuntimeError(f"{variant} failed:\n{out.stderr}")
+            samples[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {v: {key: _median([r[key] for r in rs]) for key in rs[0]} for v, rs in samples.items()}
+
+
+def _median(values: list):
+    """Median of numbers; flags (the same in every run) pass through."""
+    if isinstance(values[0], bool) or not isinstance(values[0], (int, float)):
+        return values[0]
+    return statistics.median(values)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -203,7 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--T", type=int, default=100, help="EM iterations (tol=0: exactly T)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeat", type=int, default=3, help="timed runs per variant (median)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per subprocess (median)")
+    p.add_argument("--runs", type=int, default=3, help="subprocesses per variant (median of each measure)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -222,9 +232,12 @@ def main(argv=None) -> None:
         print(json.dumps(child(args)))
         return
     variants = args.variants.split(",")
-    results = measure(variants, **_sizes(args))
+    results = measure(variants, runs=args.runs, **_sizes(args))
     base = results.get("unrolled")
-    print(f"fit_gmm forward+backward, B={args.B} N={args.N} D={args.D} K={args.K} T={args.T} {args.dtype} {args.device}")
+    print(
+        f"fit_gmm forward+backward, B={args.B} N={args.N} D={args.D} K={args.K} T={args.T} {args.dtype} {args.device}"
+        f" (medians over {args.runs} subprocesses per variant)"
+    )
     print(
         f"{'variant':16s} {'RSS peak MiB':>13s} {'ratio':>7s} {'tensor peak MiB':>16s} {'ratio':>7s} "
         f"{'time s':>8s} {'ratio':>7s} {'solve iters mean/max':>21s}"
@@ -260,7 +273,9 @@ def test_implicit_memory_at_least_10x_lower():
     below the unrolled backward's at 100 EM iterations, by the rise of the resident set and by
     live tensor memory, and both give the same gradient magnitude to within the float32
     accuracy of the fit (a sanity check that they computed the same thing)."""
-    results = measure(["unrolled", "implicit"], B=256, N=64, D=128, K=4, T=100, dtype="float32", device="cpu", repeat=1)
+    results = measure(
+        ["unrolled", "implicit"], runs=3, B=256, N=64, D=128, K=4, T=100, dtype="float32", device="cpu", repeat=1
+    )
     unrolled, implicit = results["unrolled"], results["implicit"]
     assert unrolled["peak_mb"] >= 10 * implicit["peak_mb"], results
     assert unrolled["tensor_peak_mb"] >= 10 * implicit["tensor_peak_mb"], results

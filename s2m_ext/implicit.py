@@ -187,22 +187,26 @@ def _frozen(weights: Tensor, lw_next: Tensor, d: int) -> Tensor:
 
 #: On the CPU the solve's products with J^T run over chunks of sets whose (dF/dx)^T
 #: temporaries (which the solve discards) hold about as many elements as one parameter
-#: vector of the batch, and at least this many: the solve then never holds an x-sized
-#: buffer. GPUs take the whole batch at once.
+#: vector of the batch, and at least this many; a subset of the sets gathers its points chunk
+#: by chunk. The solve then never holds an x-sized buffer. GPUs take the whole batch at once
+#: (a subset is copied out once).
 CPU_CHUNK_ELEMENTS = 1 << 18
 
 
 class _OneStepVJP:
-    """Products with the transposed Jacobians of F at theta* for a subset of the sets, each
-    one call of ``em_fit_backward`` per chunk of sets on the trajectory [theta*, F(theta*)]
-    with upstream gradients [0, v] (kept in one reused buffer)."""
+    """Products with the transposed Jacobians of F at theta* for a batch of sets, each one call
+    of ``em_fit_backward`` per chunk of sets on the trajectory [theta*, F(theta*)] with upstream
+    gradients [0, v] (kept in one reused buffer).
 
-    def __init__(self, x: Tensor, weights: Tensor, traj: Tuple[Tensor, Tensor, Tensor], free: Tensor, var_floor: float):
-        self.x, self.weights, self.traj, self.free, self.var_floor = x, weights, traj, free, var_floor
-        batch, n, d = x.shape
+    ``x``, ``weights`` and ``traj`` hold the sets of ``rows`` (indices into them; None: all, in
+    order); ``free`` (b, P) and the products are for the batch's b sets in that order."""
+
+    def __init__(self, x: Tensor, weights: Tensor, traj: Tuple[Tensor, Tensor, Tensor], free: Tensor, var_floor: float, rows: Optional[Tensor] = None):
+        self.x, self.weights, self.traj, self.free, self.var_floor, self.rows = x, weights, traj, free, var_floor, rows
+        batch, (n, d) = free.shape[0], x.shape[1:]
         self.k, self.d = traj[1].shape[2], d
         self.used = torch.ones(batch, dtype=torch.long, device=x.device)
-        self.upstream = [torch.zeros_like(t) for t in traj]  # step 0 stays zero
+        self.upstream = [x.new_zeros((2, batch, *t.shape[2:]), dtype=t.dtype) for t in traj]  # step 0 stays zero
         if x.device.type == "cpu":
             budget = max(CPU_CHUNK_ELEMENTS, batch * free.shape[1])
             self.chunk = min(batch, max(torch.get_num_threads(), budget // max(n * d, 1)))
@@ -210,20 +214,24 @@ class _OneStepVJP:
             self.chunk = max(batch, 1)
 
     def subset(self, keep: Tensor) -> "_OneStepVJP":
-        """The same products for the sets ``keep`` (bool (b,) or indices)."""
+        """The same products for the sets ``keep`` (bool (b,)) of this batch."""
+        if self.x.device.type == "cpu":  # gather chunk by chunk: no copy of x
+            positions = keep.nonzero().flatten()
+            rows = positions if self.rows is None else self.rows[positions]
+            return _OneStepVJP(self.x, self.weights, self.traj, self.free[keep], self.var_floor, rows)
         return _OneStepVJP(
             self.x[keep], self.weights[keep], tuple(t[:, keep] for t in self.traj), self.free[keep], self.var_floor
         )
 
-    def _backward(self, rows: slice):
-        return ops.em_fit_backward(
-            *(t[:, rows] for t in self.upstream),
-            self.x[rows],
-            self.weights[rows],
-            *(t[:, rows] for t in self.traj),
-            self.used[rows],
-            self.var_floor,
-        )
+    def _backward(self, positions: slice):
+        if self.rows is None:
+            x, w, traj = self.x[positions], self.weights[positions], [t[:, positions] for t in self.traj]
+        else:
+            rows = self.rows[positions]
+            x, w = self.x.index_select(0, rows), self.weights.index_select(0, rows)
+            traj = [t.index_select(1, rows) for t in self.traj]
+        upstream = [t[:, positions] for t in self.upstream]
+        return ops.em_fit_backward(*upstream, x, w, *traj, self.used[positions], self.var_floor)
 
     def __call__(self, v: Tensor, data_grads: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor]:
         """v (b, P) -> ((dF/dx)^T v (b,N,D), (dF/dw)^T v (b,N), (dF/dtheta)^T v (b,P)), the
@@ -240,8 +248,8 @@ class _OneStepVJP:
         else:
             jtv = torch.empty_like(v)
             for start in range(0, batch, self.chunk):
-                rows = slice(start, start + self.chunk)
-                jtv[rows] = _pack(*self._backward(rows)[2:])
+                positions = slice(start, start + self.chunk)
+                jtv[positions] = _pack(*self._backward(positions)[2:])
         return None, None, jtv.masked_fill_(~self.free, 0)
 
     def jt(self, v: Tensor) -> Tensor:
@@ -271,9 +279,8 @@ class AdjointSolution(NamedTuple):
 class _Batch:
     """The sets a solver is still working on, and the best (smallest-residual) iterate of
     each. Finished sets stay in the batch (their rows are zeroed so that their wasted products
-    stay finite) until at most half the rows are alive; then the batch is compacted. This
-    bounds the wasted work by 2x while the copies of x a compaction makes never exceed half
-    of x at a time."""
+    stay finite) until at most half the rows are alive; then the batch is compacted, which
+    bounds the wasted work by 2x (and, on GPUs, the copies of x to half of x)."""
 
     def __init__(self, step: _OneStepVJP, g: Tensor, gnorm: Tensor, tol: float, out: AdjointSolution):
         self.step, self.g, self.gnorm, self.tol, self.out = step, g, gnorm, tol, out
@@ -506,10 +513,11 @@ def implicit_vjp(
     failed (see :func:`solve_adjoint`); their gradients stay finite."""
     k, d = params[1].shape[1], params[1].shape[2]
     step = _make_step(x, weights, params, var_floor)
+    # Frozen entries pass their gradient to the initial parameters, as in the unrolled backward.
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    g_init = [torch.where(free, zero, g).to(x.dtype) for free, g in zip(_unpack(step.free, k, d), grads)]
     sol = solve_adjoint(x, weights, params, grads, var_floor, config, _step=step)
     g_x, g_w, _ = step(sol.u, data_grads=True)
-    # Frozen entries pass their gradient to the initial parameters, as in the unrolled backward.
-    g_init = _unpack(_pack(*grads).masked_fill_(step.free, 0), k, d)
     failed = ~sol.converged
     if bool(failed.any()):
         warnings.warn(
@@ -524,7 +532,7 @@ def implicit_vjp(
             ImplicitGradientWarning,
             stacklevel=2,
         )
-    return g_x, g_w, *(t.contiguous().to(x.dtype) for t in g_init), sol
+    return g_x, g_w, *g_init, sol
 
 
 # ----------------------------------------------------------------------------- custom ops
