@@ -17,16 +17,9 @@
 namespace s2m {
 namespace cuda_glue {
 
-// float32 and float64 run as they are; float16 and bfloat16 are computed in float32.
-inline at::ScalarType compute_type(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
-}
-
-inline void check_cuda_dtype(const at::Tensor& t, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16,
-                   name, " must be float32, float64, float16 or bfloat16 on CUDA, got ", s);
-}
+// float32 and float64 run as they are; float16 and bfloat16 are computed in float32
+// (s2m::compute_type in checks.h).
+using s2m::compute_type;
 
 // The kernels index within one set with 32-bit ints.
 inline void check_fits_int32(int64_t value, const char* what) {

@@ -27,12 +27,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& lw_in,
     const at::Tensor& mu_in, const at::Tensor& var_in, int64_t n_iter, double var_floor,
     double tol, bool keep_trajectory) {
-  const MixtureSizes m = check_mixture(lw_in, mu_in, var_in);
-  check_points(x_in, w_in, m, mu_in);
-  check_cuda_dtype(x_in, "x");
-  TORCH_CHECK_VALUE(n_iter >= 0, "n_iter must be >= 0, got ", n_iter);
-  check_nonnegative(var_floor, "var_floor");
-  check_nonnegative(tol, "tol");
+  const MixtureSizes m = check_em_fit_args(x_in, w_in, lw_in, mu_in, var_in, n_iter, var_floor,
+                                           tol, Backend::kCUDA);
   const int64_t B = m.batch, K = m.components, D = m.dims, N = x_in.size(1);
   check_set_sizes(N, D, K);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -94,34 +90,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_fit_ba
     const c10::optional<at::Tensor>& g_var_in, const at::Tensor& x_in, const at::Tensor& w_in,
     const at::Tensor& lw_traj_in, const at::Tensor& mu_traj_in, const at::Tensor& var_traj_in,
     const at::Tensor& n_iter_used, double var_floor) {
-  const int64_t steps = check_trajectory(lw_traj_in, mu_traj_in, var_traj_in);
-  const MixtureSizes m =
-      check_mixture(lw_traj_in.select(0, 0), mu_traj_in.select(0, 0), var_traj_in.select(0, 0));
-  check_dim(x_in, "x", 3, "(B, N, D)");
-  check_dim(w_in, "weights", 2, "(B, N)");
-  check_cuda_dtype(x_in, "x");
-  check_like(w_in, "weights", x_in, "x");
+  const TrajectorySizes sizes =
+      check_em_fit_backward_args(g_lw_in, g_mu_in, g_var_in, x_in, w_in, lw_traj_in, mu_traj_in,
+                                 var_traj_in, n_iter_used, var_floor, Backend::kCUDA);
+  const int64_t steps = sizes.steps;
+  const MixtureSizes& m = sizes.mixture;
   const at::ScalarType ct = compute_type(x_in.scalar_type());
-  TORCH_CHECK_TYPE(mu_traj_in.scalar_type() == ct, "means_traj must be ", ct,
-                   " (em_fit's trajectory dtype for x of dtype ", x_in.scalar_type(), "), got ",
-                   mu_traj_in.scalar_type());
-  TORCH_CHECK_VALUE(x_in.device() == mu_traj_in.device(), "x must be on the device of means_traj (",
-                    mu_traj_in.device(), "), got ", x_in.device());
-  check_size(x_in, "x", 0, m.batch, "the batch size B of the trajectory");
-  check_size(x_in, "x", 2, m.dims, "the dimension D of the trajectory");
-  TORCH_CHECK_VALUE(x_in.size(1) >= 1, "x must hold at least one point per set (N >= 1)");
-  check_size(w_in, "weights", 0, x_in.size(0), "x.shape[0]");
-  check_size(w_in, "weights", 1, x_in.size(1), "x.shape[1]");
-  check_optional_like(g_lw_in, "grad_log_weights", lw_traj_in, "log_weights_traj");
-  check_optional_like(g_mu_in, "grad_means", mu_traj_in, "means_traj");
-  check_optional_like(g_var_in, "grad_variances", var_traj_in, "variances_traj");
-  TORCH_CHECK_VALUE(n_iter_used.dim() == 1 && n_iter_used.size(0) == m.batch &&
-                        n_iter_used.scalar_type() == at::kLong &&
-                        n_iter_used.device() == x_in.device(),
-                    "n_iter_used must be an int64 tensor of shape (B,) = (", m.batch,
-                    ") on the device of x, got ", n_iter_used.scalar_type(), " of shape ",
-                    n_iter_used.sizes(), " on ", n_iter_used.device());
-  check_nonnegative(var_floor, "var_floor");
   const int64_t B = m.batch, K = m.components, D = m.dims, N = x_in.size(1);
   check_set_sizes(N, D, K);
   const c10::cuda::CUDAGuard guard(x_in.device());

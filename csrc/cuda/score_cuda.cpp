@@ -37,32 +37,16 @@ MixtureArgs<T> mixture_args(const Mixture& mix) {
 
 MixtureSizes check_paired(const at::Tensor& z, const at::Tensor& lw, const at::Tensor& mu,
                           const at::Tensor& var) {
-  const MixtureSizes m = check_mixture(lw, mu, var);
-  check_dim(z, "z", 3, "(B, Q, D)");
-  check_like(z, "z", mu, "means");
-  check_size(z, "z", 0, m.batch, "the batch size B of the mixture");
-  check_size(z, "z", 2, m.dims, "the dimension D of the mixture");
-  check_cuda_dtype(z, "z");
+  const MixtureSizes m = check_paired_args(z, lw, mu, var, Backend::kCUDA);
   check_fits_int32((z.size(1) + 255) / 256 * std::max<int64_t>(m.batch, 1), "B * Q / 256");
   return m;
 }
 
 MixtureSizes check_pool(const at::Tensor& z, const at::Tensor& lw, const at::Tensor& mu,
                         const at::Tensor& var) {
-  const MixtureSizes m = check_mixture(lw, mu, var);
-  check_dim(z, "z", 2, "(M, D)");
-  check_like(z, "z", mu, "means");
-  check_size(z, "z", 1, m.dims, "the dimension D of the mixtures");
-  check_cuda_dtype(z, "z");
+  const MixtureSizes m = check_pool_args(z, lw, mu, var);
+  check_backend_dtype(z, "z", Backend::kCUDA);
   return m;
-}
-
-void check_grad(const at::Tensor& grad, const at::Tensor& z, int64_t rows, int64_t cols,
-                const char* shape) {
-  check_dim(grad, "grad", 2, shape);
-  check_like(grad, "grad", z, "z");
-  TORCH_CHECK_VALUE(grad.size(0) == rows && grad.size(1) == cols, "grad must have shape ", shape,
-                    " = (", rows, ", ", cols, "), got ", grad.sizes());
 }
 
 at::Tensor score_paired_cuda(const at::Tensor& z_in, const at::Tensor& lw_in,
@@ -88,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_paired_backward
     const at::Tensor& grad_in, const at::Tensor& z_in, const at::Tensor& lw_in,
     const at::Tensor& mu_in, const at::Tensor& var_in) {
   const MixtureSizes m = check_paired(z_in, lw_in, mu_in, var_in);
-  check_grad(grad_in, z_in, m.batch, z_in.size(1), "(B, Q)");
+  check_score_grad(grad_in, z_in, m.batch, z_in.size(1), "(B, Q)");
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::ScalarType ct = compute_type(z_in.scalar_type());
   const auto z = prepare(z_in, ct), grad = prepare(grad_in, ct);
@@ -135,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_pool_backward_c
     const at::Tensor& grad_in, const at::Tensor& z_in, const at::Tensor& lw_in,
     const at::Tensor& mu_in, const at::Tensor& var_in) {
   const MixtureSizes m = check_pool(z_in, lw_in, mu_in, var_in);
-  check_grad(grad_in, z_in, m.batch, z_in.size(0), "(B, M)");
+  check_score_grad(grad_in, z_in, m.batch, z_in.size(0), "(B, M)");
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::ScalarType ct = compute_type(z_in.scalar_type());
   const auto z = prepare(z_in, ct), grad = prepare(grad_in, ct);
