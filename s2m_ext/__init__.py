@@ -18,12 +18,15 @@ from . import reference
 from ._ops import _C, ops
 from ._validation import set_validation
 from .gmm import ConvergenceWarning, DiagGMM, fit_gmm
+from .implicit import ImplicitBackward, ImplicitGradientWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConvergenceWarning",
     "DiagGMM",
+    "ImplicitBackward",
+    "ImplicitGradientWarning",
     "build_info",
     "fit_gmm",
     "ops",

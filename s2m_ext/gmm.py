@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _validation as V
+from . import implicit
 from ._ops import ops
 from .reference import limits
 
@@ -256,6 +257,7 @@ def fit_gmm(
     var_floor: float = 1e-3,
     generator: Optional[torch.Generator] = None,
     tol: float = 0.0,
+    backward: Union[str, implicit.ImplicitBackward] = "unrolled",
 ) -> DiagGMM:
     """Fit one diagonal Gaussian mixture to each of B weighted point sets by EM.
 
@@ -273,21 +275,35 @@ def fit_gmm(
             x's device). The same seed gives the same fit.
         tol: stop a set early once its mean log-likelihood changes by less than tol between
             iterations (scikit-learn's rule); 0 (default) runs exactly n_iter iterations.
+        backward: ``"unrolled"`` (default): differentiate the iterations that ran, keeping
+            every iterate (memory O(T*B*K*D)). ``"implicit"``: differentiate the fixed point
+            theta* = F(theta*) the fit converged to (memory O(B*K*D) whatever T; fit to
+            convergence, e.g. a large n_iter with tol > 0); an
+            :class:`s2m_ext.ImplicitBackward` sets its solver, tolerance and iteration cap.
+            See :mod:`s2m_ext.implicit`.
 
     Returns:
         DiagGMM with (B, K) log_weights, (B, K, D) means and variances, differentiable with
         respect to x and weights (and a warm-start init's tensors) through an analytic
-        backward over the T iterations; plus loglik, n_iter and converged diagnostics.
+        backward over the T iterations (or implicitly); plus loglik, n_iter and converged
+        diagnostics.
     """
+    implicit_config = implicit.resolve_backward(backward)
     x, weights, init_params, cfg = prepare_fit(
         x, weights, n_components, n_iter, init, var_floor, generator, tol, seeder=ops.kmeanspp
     )
-    keep_trajectory = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, *init_params))
-    lw, mu, var, loglik, used, converged = ops.em_fit(
-        x, weights, *init_params, cfg["n_iter"], cfg["var_floor"], cfg["tol"], keep_trajectory
-    )
+    if implicit_config is not None:
+        lw, mu, var, loglik, used, converged = implicit.fit_implicit(
+            x, weights, init_params, cfg["n_iter"], cfg["var_floor"], cfg["tol"], implicit_config
+        )
+    else:
+        keep_trajectory = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, *init_params))
+        lw, mu, var, loglik, used, converged = ops.em_fit(
+            x, weights, *init_params, cfg["n_iter"], cfg["var_floor"], cfg["tol"], keep_trajectory
+        )
+        lw, mu, var = lw[-1], mu[-1], var[-1]
     # float16/bfloat16 are fitted in float32 (see _ops.fit_dtype); the parameters come back in x.dtype.
-    gmm = DiagGMM._from_fit(lw[-1].to(x.dtype), mu[-1].to(x.dtype), var[-1].to(x.dtype), loglik, used, converged)
+    gmm = DiagGMM._from_fit(lw.to(x.dtype), mu.to(x.dtype), var.to(x.dtype), loglik, used, converged)
     if cfg["tol"] > 0 and V.value_checks_enabled():
         stalled = int((~converged).sum())
         if stalled:
