@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICES, DTYPES, RTOL
-from problems import SHAPES, assert_grads_rel, assert_rel, make_problem, rel_err
+from problems import FIELDS, SHAPES, assert_grads_rel, assert_matches_reference, assert_rel, make_problem, rel_err
 
 import s2m_ext
 from s2m_ext import reference
@@ -17,32 +17,22 @@ def _run_op(p, n_iter, keep_trajectory=True, tol=0.0):
     return s2m_ext.ops.em_fit(p.x, p.weights, *p.init, n_iter, p.var_floor, tol, keep_trajectory)
 
 
-def _reference_on(p, device, n_iter, tol=0.0):
-    """The float64 reference on exactly the inputs the op saw (rounded to their dtype)."""
-    q = p.to(torch.float64, device)
-    return reference.em_fit(q.x, q.weights, *q.init, n_iter, q.var_floor, tol)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name,B,N,D,K,opts", SHAPES, ids=[s[0] for s in SHAPES])
 def test_forward_matches_reference(name, B, N, D, K, opts, dtype, device):
     p = make_problem(B, N, D, K, **opts).to(dtype, device)
     lw, mu, var, loglik, used, converged = _run_op(p, T_ITER)
-    ref = _reference_on(p, device, T_ITER)
-    rtol = RTOL[dtype]
     assert lw.shape == (T_ITER + 1, B, K) and mu.shape == (T_ITER + 1, B, K, D)
+    assert all(t.dtype == dtype for t in (lw, mu, var, loglik))
     assert_rel(lw[0], p.init[0], 0.0, "step 0 is the initial log_weights")
     assert_rel(mu[0], p.init[1], 0.0, "step 0 is the initial means")
-    for got, want, what in zip((lw[-1], mu[-1], var[-1], loglik), ref[:4], ("log_weights", "means", "variances", "loglik")):
-        assert got.dtype == dtype
-        assert_rel(got, want, rtol, what)
+    assert_matches_reference((lw[-1], mu[-1], var[-1], loglik), p, device, T_ITER, FIELDS, dtype)
     assert torch.equal(used.cpu(), torch.full((B,), T_ITER))
     assert not converged.any()
     # The trajectory is the sequence of fits with 0..T iterations.
     for t in (1, T_ITER // 2):
-        ref_t = _reference_on(p, device, t)
-        assert_rel(mu[t], ref_t[1], rtol, f"means after {t} iterations")
+        assert_matches_reference((mu[t],), p, device, t, ("means",), dtype, f"after {t} iterations: ")
 
 
 def _reference_trajectory_grads(inputs, upstream, n_iter, var_floor, dtype):
