@@ -1,0 +1,95 @@
+"""Side-by-side timing: the contenders of one cell are timed in interleaved rounds (each
+round times every contender once, in a rotating order), so a change of machine load during a
+run hits all of them alike and the ratios stay meaningful on a shared machine. Each sample
+runs a call ``number`` times, chosen so a sample lasts at least ``min_sample_s``; the
+reported time is the median per-call time over the samples."""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List
+
+import torch
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued device work, so that a timer read afterwards includes it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_calls(call: Callable[[], object], number: int, device: str) -> float:
+    """Seconds per call of ``number`` back-to-back calls."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(number):
+        call()
+    synchronize(device)
+    return (time.perf_counter() - start) / number
+
+
+@dataclass
+class Timing:
+    """Per-call seconds of each sample; ``number`` calls per sample."""
+
+    samples: List[float] = field(default_factory=list)
+    number: int = 1
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else math.nan
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median over the samples: how noisy this cell was."""
+        if len(self.samples) < 2:
+            return math.nan
+        return (max(self.samples) - min(self.samples)) / self.median
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"median_s": self.median, "samples_s": self.samples, "number": self.number,
+                "repeats": len(self.samples), "spread": self.spread}
+
+
+@dataclass
+class Budget:
+    """How long to time each contender of a cell: as many samples as fit in ``seconds``,
+    at least ``min_repeats`` and at most ``max_repeats``, each at least ``min_sample_s`` long."""
+
+    seconds: float
+    min_repeats: int
+    max_repeats: int
+    min_sample_s: float
+
+
+def side_by_side(calls: Dict[str, Callable[[], object]], first_call_s: Dict[str, float], device: str,
+                 budget: Budget) -> Dict[str, Timing]:
+    """Time every call of ``calls`` in interleaved rounds. ``first_call_s`` (a warm call's
+    time per contender, measured by the caller) sets each one's ``number`` and repeats."""
+    timings: Dict[str, Timing] = {}
+    wanted: Dict[str, int] = {}
+    for name in calls:
+        t = max(first_call_s[name], 1e-7)
+        number = max(1, min(10_000, math.ceil(budget.min_sample_s / t)))
+        timings[name] = Timing(number=number)
+        wanted[name] = int(min(budget.max_repeats, max(budget.min_repeats, budget.seconds // (t * number))))
+    names = list(calls)
+    rnd = 0
+    # One full collection before, none during: after torch.compile a collection takes ~1 s
+    # here, and the cyclic collector firing inside a sample would be charged to a contender.
+    gc.collect()
+    gc.disable()
+    try:
+        while any(len(timings[n].samples) < wanted[n] for n in names):
+            order = names[rnd % len(names):] + names[: rnd % len(names)]
+            for name in order:
+                if len(timings[name].samples) < wanted[name]:
+                    timings[name].samples.append(time_calls(calls[name], timings[name].number, device))
+            rnd += 1
+    finally:
+        gc.enable()
+    return timings
