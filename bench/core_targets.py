@@ -182,13 +182,16 @@ def run_core_targets(args: argparse.Namespace) -> int:
     rows = []
     for rec in records:
         for name, e in rec["contenders"].items():  # type: ignore[union-attr]
-            rows.append([rec["workload"], name, fmt_time(e.get("median_s")), str(e.get("repeats", "")),
+            rows.append([rec["workload"], name, fmt_time(e.get("median_s")), fmt_time(e.get("cpu_median_s")),
+                         str(e.get("repeats", "")),
                          f"{e['ratio_to_s2m_ext']:.3g}x" if "ratio_to_s2m_ext" in e else "",
+                         f"{e['cpu_ratio_to_s2m_ext']:.3g}x" if "cpu_ratio_to_s2m_ext" in e else "",
                          f"{e['peak_mem_bytes'] / 1e6:.3g} MB" if "peak_mem_bytes" in e else "-",
                          f"{e['mem_ratio_to_s2m_ext']:.3g}x" if "mem_ratio_to_s2m_ext" in e else ""])
     print(f"== issue-2 targets: {shape.label('forward')} float32, {torch.get_num_threads()} threads, "
           f"load average {meta['load_average']} -> {meta['load_average_end']}")
-    print(render_table(["workload", "contender", "median", "runs", "time ratio", "peak memory", "memory ratio"], rows))
+    print(render_table(["workload", "contender", "median", "CPU time", "runs", "time ratio", "CPU-time ratio",
+                        "peak memory", "memory ratio"], rows))
     print()
     print(format_targets(targets))
     if prof:

@@ -2,7 +2,8 @@
 round times every contender once, in a rotating order), so a change of machine load during a
 run hits all of them alike and the ratios stay meaningful on a shared machine. Each sample
 runs a call ``number`` times, chosen so a sample lasts at least ``min_sample_s``; the
-reported time is the median per-call time over the samples."""
+reported time is the median per-call time over the samples. The process CPU time of each
+sample is kept beside it (see :func:`time_calls_cpu`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -24,12 +25,19 @@ def synchronize(device: str) -> None:
 
 def time_calls(call: Callable[[], object], number: int, device: str) -> float:
     """Seconds per call of ``number`` back-to-back calls."""
+    return time_calls_cpu(call, number, device)[0]
+
+
+def time_calls_cpu(call: Callable[[], object], number: int, device: str) -> Tuple[float, float]:
+    """(wall-clock, process CPU) seconds per call of ``number`` back-to-back calls. The CPU
+    time (user + system, all threads of this process) is what the call cost the machine: on a
+    shared CPU it is far less sensitive to other processes' load than the wall-clock time."""
     synchronize(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(number):
         call()
     synchronize(device)
-    return (time.perf_counter() - start) / number
+    return (time.perf_counter() - start) / number, (time.process_time() - start_cpu) / number
 
 
 @dataclass
@@ -37,11 +45,16 @@ class Timing:
     """Per-call seconds of each sample; ``number`` calls per sample."""
 
     samples: List[float] = field(default_factory=list)
+    cpu_samples: List[float] = field(default_factory=list)
     number: int = 1
 
     @property
     def median(self) -> float:
         return statistics.median(self.samples) if self.samples else math.nan
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_samples) if self.cpu_samples else math.nan
 
     @property
     def spread(self) -> float:
@@ -51,8 +64,9 @@ class Timing:
         return (max(self.samples) - min(self.samples)) / self.median
 
     def as_dict(self) -> Dict[str, object]:
-        return {"median_s": self.median, "samples_s": self.samples, "number": self.number,
-                "repeats": len(self.samples), "spread": self.spread}
+        return {"median_s": self.median, "samples_s": self.samples, "cpu_median_s": self.cpu_median,
+                "cpu_samples_s": self.cpu_samples, "number": self.number, "repeats": len(self.samples),
+                "spread": self.spread}
 
 
 @dataclass
@@ -87,8 +101,11 @@ def side_by_side(calls: Dict[str, Callable[[], object]], first_call_s: Dict[str,
         while any(len(timings[n].samples) < wanted[n] for n in names):
             order = names[rnd % len(names):] + names[: rnd % len(names)]
             for name in order:
-                if len(timings[name].samples) < wanted[name]:
-                    timings[name].samples.append(time_calls(calls[name], timings[name].number, device))
+                timing = timings[name]
+                if len(timing.samples) < wanted[name]:
+                    wall, cpu = time_calls_cpu(calls[name], timing.number, device)
+                    timing.samples.append(wall)
+                    timing.cpu_samples.append(cpu)
             rnd += 1
     finally:
         gc.enable()
