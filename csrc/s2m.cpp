@@ -57,6 +57,15 @@ py::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
+#if defined(__AVX512F__)
+  info["cpu_simd"] = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  info["cpu_simd"] = "avx2+fma";
+#elif defined(__AVX2__)
+  info["cpu_simd"] = "avx2";
+#else
+  info["cpu_simd"] = "baseline";
+#endif
   info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
                           std::to_string(TORCH_VERSION_MINOR) + "." +
                           std::to_string(TORCH_VERSION_PATCH);

@@ -8,7 +8,11 @@
 // are first shifted by a common centre (the mean of all component means): the result is
 // invariant to the shift, and the cancellation is then relative to the spread of the data
 // around that centre rather than to its distance from the origin. The pool is processed in
-// chunks so the (chunk, B*K) intermediate stays bounded.
+// chunks so the (chunk, B*K) intermediates stay bounded.
+//
+// The backward cancels more: dL/dz = (g_l . mu/v) - z (g_l . 1/v) loses |mu - centre| /
+// |z - mu| digits, about 30x for variances 1e-3 of the means' spread, which took float32
+// past 1e-4 relative. So reduced-precision inputs are backpropagated in float64.
 #include <torch/library.h>
 #include <torch/types.h>
 
@@ -20,7 +24,7 @@
 namespace s2m {
 namespace {
 
-constexpr int64_t kChunkElements = int64_t(1) << 24;  // (rows x B*K) entries per chunk
+constexpr int64_t kChunkBytes = int64_t(1) << 26;  // per (rows x B*K) intermediate
 
 struct PoolTerms {
   at::Tensor center;   // (D)
@@ -54,8 +58,9 @@ PoolTerms pool_terms(const at::Tensor& lw, const at::Tensor& mu, const at::Tenso
   return t;
 }
 
-int64_t chunk_rows(const MixtureSizes& m) {
-  return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, m.batch * m.components));
+int64_t chunk_rows(const MixtureSizes& m, at::ScalarType dtype) {
+  const int64_t elements = kChunkBytes / int64_t(c10::elementSize(dtype));
+  return std::max<int64_t>(1, elements / std::max<int64_t>(1, m.batch * m.components));
 }
 
 // l for rows [row0, row0 + rows) of the pool: (rows, B*K).
@@ -72,7 +77,7 @@ at::Tensor score_pool(const at::Tensor& z, const at::Tensor& lw, const at::Tenso
   auto out = at::empty({B, M}, z.options());
   if (M == 0 || B == 0) return out;
   const PoolTerms t = pool_terms(lw, mu, var, m);
-  const int64_t rows = chunk_rows(m);
+  const int64_t rows = chunk_rows(m, z.scalar_type());
   for (int64_t r0 = 0; r0 < M; r0 += rows) {
     const int64_t r = std::min(rows, M - r0);
     const auto zc = z.narrow(0, r0, r) - t.center;
@@ -83,21 +88,26 @@ at::Tensor score_pool(const at::Tensor& z, const at::Tensor& lw, const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_pool_backward(
-    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& lw, const at::Tensor& mu,
-    const at::Tensor& var) {
-  const MixtureSizes m = check_pool(z, lw, mu, var);
-  const int64_t M = z.size(0), B = m.batch, K = m.components, D = m.dims, BK = B * K;
-  check_dim(grad, "grad", 2, "(B, M)");
-  check_like(grad, "grad", z, "z");
-  TORCH_CHECK_VALUE(grad.size(0) == B && grad.size(1) == M, "grad must have shape (B, M) = (", B,
-                    ", ", M, "), got ", grad.sizes());
+    const at::Tensor& grad_in, const at::Tensor& z_in, const at::Tensor& lw_in,
+    const at::Tensor& mu_in, const at::Tensor& var_in) {
+  const MixtureSizes m = check_pool(z_in, lw_in, mu_in, var_in);
+  const int64_t M = z_in.size(0), B = m.batch, K = m.components, D = m.dims, BK = B * K;
+  check_dim(grad_in, "grad", 2, "(B, M)");
+  check_like(grad_in, "grad", z_in, "z");
+  TORCH_CHECK_VALUE(grad_in.size(0) == B && grad_in.size(1) == M, "grad must have shape (B, M) = (",
+                    B, ", ", M, "), got ", grad_in.sizes());
+  const auto work = at::kDouble;  // reduced precisions are backpropagated in float64 (see above)
+  const auto grad = grad_in.to(work), z = z_in.to(work), lw = lw_in.to(work), mu = mu_in.to(work),
+             var = var_in.to(work);
   auto g_z = at::zeros_like(z);
   auto colsum = at::zeros({BK}, z.options());     // sum_m g_l
   auto zsum = at::zeros({BK, D}, z.options());    // sum_m g_l zc
   auto z2sum = at::zeros({BK, D}, z.options());   // sum_m g_l zc^2
+  auto g_mu = at::zeros({BK, D}, z.options());
+  auto g_var = at::zeros({BK, D}, z.options());
   if (M > 0 && B > 0) {
     const PoolTerms t = pool_terms(lw, mu, var, m);
-    const int64_t rows = chunk_rows(m);
+    const int64_t rows = chunk_rows(m, work);
     for (int64_t r0 = 0; r0 < M; r0 += rows) {
       const int64_t r = std::min(rows, M - r0);
       const auto zc = z.narrow(0, r0, r) - t.center;
@@ -111,12 +121,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_pool_backward(
     }
     const auto cs = colsum.unsqueeze(1);
     // sum_m g_l (z - mu) / v and sum_m g_l ((z - mu)^2 / v^2 - 1 / v) / 2, expanded around mc.
-    auto g_mu = (zsum - t.mc * cs) * t.inv_var;
-    auto sq = z2sum - 2.0 * t.mc * zsum + t.mc.square() * cs;
-    auto g_var = 0.5 * t.inv_var.square() * sq - 0.5 * cs * t.inv_var;
-    return {g_z, colsum.view({B, K}), g_mu.view({B, K, D}), g_var.view({B, K, D})};
+    g_mu = (zsum - t.mc * cs) * t.inv_var;
+    const auto sq = z2sum - 2.0 * t.mc * zsum + t.mc.square() * cs;
+    g_var = 0.5 * t.inv_var.square() * sq - 0.5 * cs * t.inv_var;
   }
-  return {g_z, colsum.view({B, K}), zsum.view({B, K, D}), z2sum.view({B, K, D})};
+  const auto out = z_in.scalar_type();
+  return {g_z.to(out), colsum.view({B, K}).to(out), g_mu.view({B, K, D}).to(out),
+          g_var.view({B, K, D}).to(out)};
 }
 
 }  // namespace

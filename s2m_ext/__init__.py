@@ -36,8 +36,10 @@ def build_info() -> Dict[str, Any]:
     """How the extension was built and what it runs with.
 
     Keys: ``cuda`` (CUDA kernels compiled in), ``cuda_version`` (CUDA runtime it was built
-    with, or None), ``openmp`` (CPU kernels parallel), ``torch_version`` (torch it was built
-    against), ``torch_runtime`` (torch imported now), ``cuda_available`` (a GPU is usable now).
+    with, or None), ``openmp`` (CPU kernels parallel), ``cpu_simd`` (the vector instructions
+    the CPU kernels were compiled for: "baseline", "avx2+fma", ...), ``torch_version`` (torch
+    it was built against), ``torch_runtime`` (torch imported now), ``cuda_available`` (a GPU
+    is usable now).
     """
     info = dict(_C.build_info())
     info["torch_runtime"] = torch.__version__

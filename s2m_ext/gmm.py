@@ -60,7 +60,8 @@ class DiagGMM:
         if V.value_checks_enabled():
             V.check_finite(means, "means")
             V.check_finite(log_weights, "log_weights")
-            if not bool(((variances > 0) & torch.isfinite(variances)).all()):
+            V.check_finite(variances, "variances")
+            if variances.numel() and float(variances.detach().min()) <= 0:
                 raise ValueError("variances must be finite and > 0")
             tol = math.sqrt(torch.finfo(means.dtype).eps)
             if b > 0 and bool((torch.logsumexp(log_weights.detach(), dim=1).abs() > tol).any()):

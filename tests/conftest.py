@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import random
+import zlib
+
 import pytest
 import torch
 
@@ -26,6 +30,15 @@ DTYPES = [torch.float32, torch.float64]
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
+#: Fresh random inputs every session; replay a failure with S2M_TEST_SEED=<seed from the header>.
+SESSION_SEED = int(os.environ.get("S2M_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"s2m_ext test seed: S2M_TEST_SEED={SESSION_SEED}; build: {s2m_ext.build_info()}"
+
+
 @pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+def _seed(request):
+    """Seed torch per test from the session seed and the test's id (independent of order)."""
+    torch.manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))

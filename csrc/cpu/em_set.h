@@ -79,27 +79,40 @@ void zero_params(Params<T> dst, SetShape s) {
   std::fill(dst.variances, dst.variances + s.k * s.d, T(0));
 }
 
-// Per-thread scratch of one set problem, reused across the sets a thread handles.
+// Per-thread scratch of one set problem, reused across the sets a thread handles. Points
+// are held padded to whole blocks (rows = N rounded up to kBlock): padding rows have x = 0
+// and weight 0, so they add nothing to any sum.
 template <typename T>
 struct Workspace {
   std::vector<T> buf;
-  T *resp, *aux_nk, *inv_var, *log_norm, *l, *nk, *s2;
+  int64_t rows;  // N rounded up to a whole number of blocks
+  T *x, *w, *g_x;  // padded copies (rows,D), (rows), and dL/dx (rows,D)
+  T *resp, *aux_nk, *inv_var, *log_norm, *nk, *s2;
+  T* l;  // (kBlock, K) log-densities of a block of points
   T *theta_a, *theta_b, *grad_a, *grad_b;  // param-sized blocks (K + 2KD)
-  explicit Workspace(SetShape s) {
-    const int64_t per_point = s.n * s.k, kd = s.k * s.d, p = s.k + 2 * kd;
-    buf.assign(2 * per_point + kd + 3 * s.k + kd + 4 * p, T(0));
+  explicit Workspace(SetShape s) : rows(round_up_to_block(s.n)) {
+    const int64_t per_point = rows * s.k, kd = s.k * s.d, p = s.k + 2 * kd;
+    buf.assign(2 * rows * s.d + rows + 2 * per_point + kd + (2 + kBlock) * s.k + kd + 4 * p, T(0));
     T* it = buf.data();
+    x = it; it += rows * s.d;
+    g_x = it; it += rows * s.d;
+    w = it; it += rows;
     resp = it; it += per_point;
     aux_nk = it; it += per_point;
     inv_var = it; it += kd;
     log_norm = it; it += s.k;
-    l = it; it += s.k;
+    l = it; it += kBlock * s.k;
     nk = it; it += s.k;
     s2 = it; it += kd;
     theta_a = it; it += p;
     theta_b = it; it += p;
     grad_a = it; it += p;
     grad_b = it;
+  }
+  // Loads one set's points; the padding rows stay zero from construction.
+  void load_points(const T* x_in, const T* w_in, SetShape s) {
+    std::copy(x_in, x_in + s.n * s.d, x);
+    std::copy(w_in, w_in + s.n, w);
   }
   static Params<T> as_params(T* block, SetShape s) {
     return {block, block + s.k, block + s.k + s.k * s.d};
@@ -113,18 +126,21 @@ T total_weight(const T* w, int64_t n) {
   return total;
 }
 
-// E-step under theta: responsibilities into ws.resp (N,K) if want_resp, and the
-// weighted log-likelihood sum_n w_n log p(x_n). Leaves inv_var/log_norm of theta in ws.
+// E-step under theta over the padded points of ws: responsibilities into ws.resp (rows,K)
+// if want_resp, and the weighted log-likelihood sum_n w_n log p(x_n). Leaves inv_var and
+// log_norm of theta in ws.
 template <typename T>
-T e_step(const T* x, const T* w, SetShape s, ConstParams<T> theta, Workspace<T>& ws,
-         bool want_resp) {
-  precompute_components(theta.log_weights, theta.variances, s.k, s.d, ws.inv_var, ws.log_norm);
+T e_step(SetShape s, ConstParams<T> theta, Workspace<T>& ws, bool want_resp) {
+  const int64_t D = s.d, K = s.k;
+  precompute_components(theta.log_weights, theta.variances, K, D, ws.inv_var, ws.log_norm);
   T loglik = 0;
-  for (int64_t n = 0; n < s.n; ++n) {
-    T* resp = want_resp ? ws.resp + n * s.k : nullptr;
-    const T lse =
-        point_log_densities(x + n * s.d, theta.means, ws.inv_var, ws.log_norm, s.k, s.d, ws.l, resp);
-    if (w[n] != T(0)) loglik += w[n] * lse;
+  for (int64_t n0 = 0; n0 < ws.rows; n0 += kBlock) {
+    block_log_densities(ws.x + n0 * D, theta.means, ws.inv_var, ws.log_norm, K, D, ws.l);
+    for (int64_t j = 0; j < kBlock; ++j) {
+      const int64_t n = n0 + j;
+      const T lse = log_sum_exp(ws.l + j * K, K, want_resp ? ws.resp + n * K : nullptr);
+      if (ws.w[n] != T(0)) loglik += ws.w[n] * lse;
+    }
   }
   return loglik;
 }
@@ -132,29 +148,41 @@ T e_step(const T* x, const T* w, SetShape s, ConstParams<T> theta, Workspace<T>&
 // Nk = sum_n w_n r_nk. Forward and backward both call this so that they take the same
 // alive/dead decisions bit for bit.
 template <typename T>
-void component_mass(const T* w, const T* resp, SetShape s, T* nk) {
-  std::fill(nk, nk + s.k, T(0));
-  for (int64_t n = 0; n < s.n; ++n) {
-    if (w[n] == T(0)) continue;
-    for (int64_t k = 0; k < s.k; ++k) nk[k] += w[n] * resp[n * s.k + k];
+void component_mass(SetShape s, Workspace<T>& ws) {
+  std::fill(ws.nk, ws.nk + s.k, T(0));
+  for (int64_t n = 0; n < ws.rows; ++n) {
+    if (ws.w[n] == T(0)) continue;
+    for (int64_t k = 0; k < s.k; ++k) ws.nk[k] += ws.w[n] * ws.resp[n * s.k + k];
   }
+}
+
+// q[j] = w r for the 4 points of a block and one component; false if all are zero.
+template <typename T>
+bool block_masses(const Workspace<T>& ws, int64_t n0, int64_t k, int64_t K, T* q) {
+  bool any = false;
+  for (int64_t j = 0; j < kBlock; ++j) {
+    q[j] = ws.w[n0 + j] * ws.resp[(n0 + j) * K + k];
+    any = any || q[j] != T(0);
+  }
+  return any;
 }
 
 // M-step from ws.resp: theta_next from the weighted moments, theta_prev for dead components.
 template <typename T>
-void m_step(const T* x, const T* w, T total_w, SetShape s, ConstParams<T> prev, Params<T> next,
-            T var_floor, Workspace<T>& ws) {
+void m_step(T total_w, SetShape s, ConstParams<T> prev, Params<T> next, T var_floor,
+            Workspace<T>& ws) {
   const int64_t D = s.d, K = s.k;
-  component_mass(w, ws.resp, s, ws.nk);
+  component_mass(s, ws);
+  // Weighted first moment S1 (into next.means), then the means of alive components.
   std::fill(next.means, next.means + K * D, T(0));
-  for (int64_t n = 0; n < s.n; ++n) {
-    if (w[n] == T(0)) continue;
-    const T* xn = x + n * D;
+  for (int64_t n0 = 0; n0 < ws.rows; n0 += kBlock) {
+    const T *x0 = ws.x + n0 * D, *x1 = x0 + D, *x2 = x1 + D, *x3 = x2 + D;
     for (int64_t k = 0; k < K; ++k) {
-      const T q = w[n] * ws.resp[n * K + k];
+      T q[kBlock];
+      if (!block_masses(ws, n0, k, K, q)) continue;
       T* s1 = next.means + k * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) s1[d] += q * xn[d];
+      for (int64_t d = 0; d < D; ++d) s1[d] += (q[0] * x0[d] + q[1] * x1[d]) + (q[2] * x2[d] + q[3] * x3[d]);
     }
   }
   for (int64_t k = 0; k < K; ++k) {
@@ -167,18 +195,18 @@ void m_step(const T* x, const T* w, T total_w, SetShape s, ConstParams<T> prev, 
   }
   // Centred second moment at the new means (never E[x^2] - mu^2).
   std::fill(ws.s2, ws.s2 + K * D, T(0));
-  for (int64_t n = 0; n < s.n; ++n) {
-    if (w[n] == T(0)) continue;
-    const T* xn = x + n * D;
+  for (int64_t n0 = 0; n0 < ws.rows; n0 += kBlock) {
+    const T *x0 = ws.x + n0 * D, *x1 = x0 + D, *x2 = x1 + D, *x3 = x2 + D;
     for (int64_t k = 0; k < K; ++k) {
-      if (!component_alive(ws.nk[k], total_w)) continue;
-      const T q = w[n] * ws.resp[n * K + k];
+      T q[kBlock];
+      if (!component_alive(ws.nk[k], total_w) || !block_masses(ws, n0, k, K, q)) continue;
       const T* mu = next.means + k * D;
       T* s2 = ws.s2 + k * D;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) {
-        const T diff = xn[d] - mu[d];
-        s2[d] += q * diff * diff;
+        const T m = mu[d];
+        const T e0 = x0[d] - m, e1 = x1[d] - m, e2 = x2[d] - m, e3 = x3[d] - m;
+        s2[d] += (q[0] * e0 * e0 + q[1] * e1 * e1) + (q[2] * e2 * e2 + q[3] * e3 * e3);
       }
     }
   }
@@ -213,6 +241,7 @@ FitReport em_forward_set(const T* x, const T* w, SetShape s, ConstParams<T> init
   const bool keep = traj.steps > 1;
   const T var_floor = T(cfg.var_floor);
   const T total_w = total_weight(w, s.n);
+  ws.load_points(x, w, s);
   // Mean log-likelihood; a set without weight reports 0 (only reachable with validation off).
   auto mean_ll = [&](T sum) { return total_w > T(0) ? double(sum / total_w) : 0.0; };
 
@@ -228,11 +257,11 @@ FitReport em_forward_set(const T* x, const T* w, SetShape s, ConstParams<T> init
     double ll;
     if (s.k == 1 && t >= 2) {
       // One component: r = 1, so the M-step gives theta_1 again whatever theta_{t-1} is.
-      if (t == 2) ll_theta1 = mean_ll(e_step(x, w, s, ConstParams<T>(cur), ws, false));
+      if (t == 2) ll_theta1 = mean_ll(e_step(s, ConstParams<T>(cur), ws, false));
       ll = ll_theta1;
     } else {
-      ll = mean_ll(e_step(x, w, s, ConstParams<T>(cur), ws, true));
-      m_step(x, w, total_w, s, ConstParams<T>(cur), next, var_floor, ws);
+      ll = mean_ll(e_step(s, ConstParams<T>(cur), ws, true));
+      m_step(total_w, s, ConstParams<T>(cur), next, var_floor, ws);
       std::swap(cur, next);
     }
     report.n_iter = t;
@@ -250,17 +279,17 @@ FitReport em_forward_set(const T* x, const T* w, SetShape s, ConstParams<T> init
   }
   report.loglik = (s.k == 1 && report.n_iter >= 2)
                       ? ll_theta1
-                      : mean_ll(e_step(x, w, s, ConstParams<T>(cur), ws, false));
+                      : mean_ll(e_step(s, ConstParams<T>(cur), ws, false));
   return report;
 }
 
 // Reverse of one M-step theta_t = M(x, w, r(theta_{t-1})) given g = dL/dtheta_t and the
-// responsibilities in ws.resp (ws.nk must hold component_mass of them). Adds the direct
-// contributions to g_x (N,D) and g_w (N) and writes dL/dl (N,K) into ws.aux_nk.
+// responsibilities in ws.resp (ws.nk must hold their component_mass). Adds the direct
+// contributions to ws.g_x (rows,D) and g_w (N) and writes dL/dl (rows,K) into ws.aux_nk.
 template <typename T>
-void m_step_backward(const T* x, const T* w, T total_w, SetShape s, ConstParams<T> theta_t,
-                     ConstParams<T> g, Workspace<T>& ws, T* g_x, T* g_w) {
-  const int64_t N = s.n, D = s.d, K = s.k;
+void m_step_backward(T total_w, SetShape s, ConstParams<T> theta_t, ConstParams<T> g,
+                     Workspace<T>& ws, T* g_w) {
+  const int64_t D = s.d, K = s.k;
   // Effective upstream gradients: dead components pass theirs back unchanged (handled by
   // the caller), a clamped variance has no gradient.
   Params<T> geff = Workspace<T>::as_params(ws.grad_b, s);  // scratch: caller refills grad_b
@@ -276,27 +305,39 @@ void m_step_backward(const T* x, const T* w, T total_w, SetShape s, ConstParams<
   // centred second moment S2 (recomputed exactly), and the direct gradient of x.
   T* pa = ws.aux_nk;
   std::fill(ws.s2, ws.s2 + K * D, T(0));
-  for (int64_t n = 0; n < N; ++n) {
-    const T* xn = x + n * D;
-    T* gxn = g_x + n * D;
+  for (int64_t n0 = 0; n0 < ws.rows; n0 += kBlock) {
+    const T *x0 = ws.x + n0 * D, *x1 = x0 + D, *x2 = x1 + D, *x3 = x2 + D;
+    T *gx0 = ws.g_x + n0 * D, *gx1 = gx0 + D, *gx2 = gx1 + D, *gx3 = gx2 + D;
     for (int64_t k = 0; k < K; ++k) {
-      T acc = 0;
+      T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
       if (component_alive(ws.nk[k], total_w)) {
-        const T q = w[n] * ws.resp[n * K + k];
-        const T qn = q / ws.nk[k];
+        T q[kBlock];
+        block_masses(ws, n0, k, K, q);
+        const T inv_nk = T(1) / ws.nk[k];
+        const T c0 = q[0] * inv_nk, c1 = q[1] * inv_nk, c2 = q[2] * inv_nk, c3 = q[3] * inv_nk;
         const T* mu = theta_t.means + k * D;
         const T* gm = geff.means + k * D;
         const T* gv = geff.variances + k * D;
         T* s2 = ws.s2 + k * D;
-#pragma omp simd reduction(+ : acc)
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
         for (int64_t d = 0; d < D; ++d) {
-          const T delta = xn[d] - mu[d];
-          acc += (gm[d] + gv[d] * delta) * delta;
-          s2[d] += q * delta * delta;
-          gxn[d] += qn * (gm[d] + T(2) * gv[d] * delta);
+          const T m = mu[d], ga = gm[d], gb = gv[d];
+          const T e0 = x0[d] - m, e1 = x1[d] - m, e2 = x2[d] - m, e3 = x3[d] - m;
+          a0 += (ga + gb * e0) * e0;
+          a1 += (ga + gb * e1) * e1;
+          a2 += (ga + gb * e2) * e2;
+          a3 += (ga + gb * e3) * e3;
+          s2[d] += (q[0] * e0 * e0 + q[1] * e1 * e1) + (q[2] * e2 * e2 + q[3] * e3 * e3);
+          gx0[d] += c0 * (ga + T(2) * gb * e0);
+          gx1[d] += c1 * (ga + T(2) * gb * e1);
+          gx2[d] += c2 * (ga + T(2) * gb * e2);
+          gx3[d] += c3 * (ga + T(2) * gb * e3);
         }
       }
-      pa[n * K + k] = acc;
+      pa[n0 * K + k] = a0;
+      pa[(n0 + 1) * K + k] = a1;
+      pa[(n0 + 2) * K + k] = a2;
+      pa[(n0 + 3) * K + k] = a3;
     }
   }
   // dL/dq[n,k] = (a_k + pa[n,k] - sum_d gv_kd S2_kd / Nk) / Nk with a_k the log weight's gradient.
@@ -314,7 +355,7 @@ void m_step_backward(const T* x, const T* w, T total_w, SetShape s, ConstParams<
     }
     const T a = lw_live ? g.log_weights[k] : T(0);
     if (lw_live) w_term += a / total_w;
-    for (int64_t n = 0; n < N; ++n) {
+    for (int64_t n = 0; n < ws.rows; ++n) {
       T gq = 0;
       if (alive) gq += pa[n * K + k] - c;
       if (lw_live) gq += a;
@@ -323,15 +364,15 @@ void m_step_backward(const T* x, const T* w, T total_w, SetShape s, ConstParams<
   }
   // Through q = w r: dL/dw_n += sum_k r g_q; dL/dr = w g_q; then the softmax.
   T* g_resp = ws.l;  // K scratch
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = 0; n < ws.rows; ++n) {
     T* gq = pa + n * K;
     const T* r = ws.resp + n * K;
     T gw = -w_term;
     for (int64_t k = 0; k < K; ++k) {
       gw += r[k] * gq[k];
-      g_resp[k] = w[n] * gq[k];
+      g_resp[k] = ws.w[n] * gq[k];
     }
-    g_w[n] += gw;
+    if (n < s.n) g_w[n] += gw;
     softmax_backward(r, g_resp, K, gq);  // in place: pa becomes dL/dl
   }
 }
@@ -344,7 +385,8 @@ void em_backward_set(const T* x, const T* w, SetShape s, int64_t n_used, T var_f
                      T* g_x, T* g_w, Params<T> g_init, Workspace<T>& ws) {
   (void)var_floor;  // the floor enters only through S2 + floor; its derivative is not needed
   const T total_w = total_weight(w, s.n);
-  std::fill(g_x, g_x + s.n * s.d, T(0));
+  ws.load_points(x, w, s);
+  std::fill(ws.g_x, ws.g_x + ws.rows * s.d, T(0));
   std::fill(g_w, g_w + s.n, T(0));
   Params<T> g = Workspace<T>::as_params(ws.grad_a, s);
   zero_params(g, s);
@@ -355,6 +397,7 @@ void em_backward_set(const T* x, const T* w, SetShape s, int64_t n_used, T var_f
   for (int64_t t = n_used; t < traj.steps; ++t) add_step_grad(t, g);
   if (n_used == 0) {
     copy_params(ConstParams<T>(g), g_init, s);
+    std::fill(g_x, g_x + s.n * s.d, T(0));
     return;
   }
 
@@ -368,9 +411,9 @@ void em_backward_set(const T* x, const T* w, SetShape s, int64_t n_used, T var_f
   for (int64_t t = t_last; t >= 1; --t) {
     ConstParams<T> prev(traj.at(t - 1));
     ConstParams<T> theta_t(traj.at(t));
-    e_step(x, w, s, prev, ws, true);  // also leaves inv_var of theta_{t-1} in ws
-    component_mass(w, ws.resp, s, ws.nk);
-    m_step_backward(x, w, total_w, s, theta_t, ConstParams<T>(g), ws, g_x, g_w);
+    e_step(s, prev, ws, true);  // also leaves inv_var of theta_{t-1} in ws
+    component_mass(s, ws);
+    m_step_backward(total_w, s, theta_t, ConstParams<T>(g), ws, g_w);
 
     Params<T> g_prev = Workspace<T>::as_params(ws.grad_b, s);
     zero_params(g_prev, s);
@@ -384,16 +427,17 @@ void em_backward_set(const T* x, const T* w, SetShape s, int64_t n_used, T var_f
       }
     }
     if (!single) {
-      for (int64_t n = 0; n < s.n; ++n) {
-        point_log_densities_backward(x + n * s.d, prev.means, ws.inv_var, ws.aux_nk + n * s.k,
+      for (int64_t n0 = 0; n0 < ws.rows; n0 += kBlock) {
+        block_log_densities_backward(ws.x + n0 * s.d, prev.means, ws.inv_var, ws.aux_nk + n0 * s.k,
                                      s.k, s.d, g_prev.log_weights, g_prev.means,
-                                     g_prev.variances, g_x + n * s.d);
+                                     g_prev.variances, ws.g_x + n0 * s.d);
       }
     }
     add_step_grad(t - 1, g_prev);
     copy_params(ConstParams<T>(g_prev), g, s);
   }
   copy_params(ConstParams<T>(g), g_init, s);
+  std::copy(ws.g_x, ws.g_x + s.n * s.d, g_x);
 }
 
 }  // namespace cpu

@@ -42,12 +42,21 @@ at::Tensor score_paired_cpu(const at::Tensor& z_in, const at::Tensor& lw_in, con
       for (int64_t b = begin; b < end; ++b)
         precompute_components(lwp + b * K, varp + b * K * D, K, D, ivp + b * K * D, lnp + b * K);
     });
-    at::parallel_for(0, B * Q, 64, [&](int64_t begin, int64_t end) {
-      std::vector<T> l(K);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / Q;
-        outp[i] = point_log_densities(zp + i * D, mup + b * K * D, ivp + b * K * D, lnp + b * K, K,
-                                      D, l.data(), static_cast<T*>(nullptr));
+    // Tasks are (set, chunk of queries) so that few sets with many queries still spread.
+    constexpr int64_t kRows = 64;
+    const int64_t chunks = (Q + kRows - 1) / kRows;
+    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> l(kBlock * K), pad(kBlock * D);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / chunks, q0 = (task % chunks) * kRows;
+        const int64_t rows = std::min(kRows, Q - q0), base = b * Q + q0;
+        for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+          const int64_t count = std::min(kBlock, rows - r0);
+          const T* zb = padded_block(zp + (base + r0) * D, count, D, pad.data());
+          block_log_densities(zb, mup + b * K * D, ivp + b * K * D, lnp + b * K, K, D, l.data());
+          for (int64_t j = 0; j < count; ++j)
+            outp[base + r0 + j] = log_sum_exp(l.data() + j * K, K, static_cast<T*>(nullptr));
+        }
       }
     });
   });
@@ -78,19 +87,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_paired_backward
       *gvarp = g_var.data_ptr<T>();
     // One set per task: its parameter gradients are sums over its own queries only.
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> inv_var(K * D), log_norm(K), l(K), resp(K), g_l(K);
+      std::vector<T> inv_var(K * D), log_norm(K), l(kBlock * K), g_l(kBlock * K);
+      std::vector<T> pad(kBlock * D), g_pad(kBlock * D);
       for (int64_t b = begin; b < end; ++b) {
         const T* means = mup + b * K * D;
         precompute_components(lwp + b * K, varp + b * K * D, K, D, inv_var.data(), log_norm.data());
-        for (int64_t q = 0; q < Q; ++q) {
-          const int64_t i = b * Q + q;
-          if (gp[i] == T(0)) continue;
-          point_log_densities(zp + i * D, means, inv_var.data(), log_norm.data(), K, D, l.data(),
-                              resp.data());
-          for (int64_t k = 0; k < K; ++k) g_l[k] = gp[i] * resp[k];
-          point_log_densities_backward(zp + i * D, means, inv_var.data(), g_l.data(), K, D,
-                                       glwp + b * K, gmup + b * K * D, gvarp + b * K * D,
-                                       gzp + i * D);
+        for (int64_t q0 = 0; q0 < Q; q0 += kBlock) {
+          const int64_t count = std::min(kBlock, Q - q0), i0 = b * Q + q0;
+          const T* zb = padded_block(zp + i0 * D, count, D, pad.data());
+          block_log_densities(zb, means, inv_var.data(), log_norm.data(), K, D, l.data());
+          for (int64_t j = 0; j < kBlock; ++j) {
+            T* gl = g_l.data() + j * K;
+            if (j >= count || gp[i0 + j] == T(0)) {
+              std::fill(gl, gl + K, T(0));
+              continue;
+            }
+            log_sum_exp(l.data() + j * K, K, gl);  // posteriors into gl ...
+            for (int64_t k = 0; k < K; ++k) gl[k] *= gp[i0 + j];  // ... times dL/dlog p
+          }
+          // A partial block writes its z-gradient to scratch, then copies the real rows.
+          T* gzb = count == kBlock ? gzp + i0 * D : g_pad.data();
+          if (count < kBlock) std::fill(g_pad.begin(), g_pad.end(), T(0));
+          block_log_densities_backward(zb, means, inv_var.data(), g_l.data(), K, D, glwp + b * K,
+                                       gmup + b * K * D, gvarp + b * K * D, gzb);
+          if (count < kBlock) std::copy(g_pad.begin(), g_pad.begin() + count * D, gzp + i0 * D);
         }
       }
     });

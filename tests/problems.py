@@ -1,0 +1,105 @@
+"""Random EM problems for the tests: clustered points, weights, and initial parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from s2m_ext import reference
+
+
+@dataclass
+class Problem:
+    x: Tensor  # (B, N, D)
+    weights: Tensor  # (B, N)
+    init: Tuple[Tensor, Tensor, Tensor]  # log_weights (B,K), means (B,K,D), variances (B,K,D)
+    var_floor: float
+
+    def to(self, dtype: torch.dtype, device="cpu") -> "Problem":
+        cast = lambda t: t.to(dtype=dtype, device=device)  # noqa: E731
+        return Problem(cast(self.x), cast(self.weights), tuple(cast(t) for t in self.init), self.var_floor)
+
+
+def make_problem(
+    B: int,
+    N: int,
+    D: int,
+    K: int,
+    *,
+    scale: float = 1.0,
+    pad: bool = False,
+    duplicate: bool = False,
+    var_floor: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Problem:
+    """A float64 problem: K well-separated clusters per set (so EM has real work), positive
+    weights in [0.5, 1.5), optional zero-weight padding at the end of each set and
+    duplicated points, and k-means++ initial parameters drawn by the reference."""
+    g = generator if generator is not None else torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    f64 = torch.float64
+    centres = 3.0 * torch.randn(B, K, D, generator=g, dtype=f64)
+    labels = torch.randint(0, K, (B, N), generator=g)
+    x = centres.gather(1, labels.unsqueeze(-1).expand(B, N, D)) + torch.randn(B, N, D, generator=g, dtype=f64)
+    if duplicate:
+        x[:, 1::2] = x[:, 0::2][:, : x[:, 1::2].shape[1]]
+    x = x * scale
+    w = 0.5 + torch.rand(B, N, generator=g, dtype=f64)
+    if pad and N > 1:
+        valid = torch.randint(1, N, (B,), generator=g)
+        w = torch.where(torch.arange(N).unsqueeze(0) < valid.unsqueeze(1), w, torch.zeros_like(w))
+    floor = 1e-3 * scale**2 if var_floor is None else var_floor
+    u = torch.rand(B, K, generator=g, dtype=f64)
+    idx = reference.kmeanspp(x, w, u)
+    means = x.gather(1, idx.unsqueeze(-1).expand(B, K, D)).clone()
+    total = w.sum(1, keepdim=True).unsqueeze(-1)
+    centre = (w.unsqueeze(-1) * x).sum(1, keepdim=True) / total
+    spread = (w.unsqueeze(-1) * (x - centre) ** 2).sum(1, keepdim=True) / total
+    variances = (spread + floor).expand(B, K, D).clone()
+    log_weights = torch.full((B, K), -torch.log(torch.tensor(float(K), dtype=f64)).item(), dtype=f64)
+    return Problem(x, w, (log_weights, means, variances), floor)
+
+
+def rel_err(actual: Tensor, expected: Tensor, scale: float = 0.0) -> float:
+    """max |actual - expected| / max(max |expected|, scale): the inf-norm relative error, in
+    float64. ``scale`` sets a floor for tensors that may vanish (see assert_grads_rel)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert a.shape == e.shape, (a.shape, e.shape)
+    if e.numel() == 0:
+        return 0.0
+    denom = max(e.abs().max().item(), scale)
+    return (a - e).abs().max().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_rel(actual: Tensor, expected: Tensor, rtol: float, what: str = "", scale: float = 0.0) -> None:
+    err = rel_err(actual, expected, scale)
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+
+
+def assert_grads_rel(actual, expected, rtol: float, names) -> None:
+    """Gradients compared relative to the largest gradient of the problem: a single one can
+    vanish by symmetry (e.g. the weights of a one-point set, since the fit is invariant to
+    scaling all weights), and then only its absolute rounding error is meaningful."""
+    scale = max((e.detach().abs().max().item() for e in expected if e.numel()), default=0.0)
+    for got, want, name in zip(actual, expected, names):
+        assert got.dtype == actual[0].dtype
+        assert_rel(got, want, rtol, f"d/d{name}", scale)
+
+
+#: (B, N, D, K, options) covering the shapes the standards ask for.
+SHAPES = [
+    ("generic", 3, 17, 5, 3, {}),
+    ("odd-large", 2, 61, 13, 4, {}),
+    ("N<K", 3, 3, 4, 5, {}),
+    ("K=1", 4, 20, 6, 1, {}),
+    ("D=1", 3, 15, 1, 2, {}),
+    ("N=1", 2, 1, 3, 2, {}),
+    ("padded", 5, 33, 7, 4, {"pad": True}),
+    ("duplicates", 3, 16, 4, 3, {"duplicate": True}),
+    ("tiny-scale", 3, 25, 5, 2, {"scale": 1e-4}),
+    ("huge-scale", 3, 25, 5, 2, {"scale": 1e4}),
+    ("no-floor", 3, 25, 5, 3, {"var_floor": 0.0}),
+]

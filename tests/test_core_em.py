@@ -1,0 +1,129 @@
+"""The fused EM op and its analytic backward against the plain-PyTorch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES, DTYPES, RTOL
+from problems import SHAPES, assert_grads_rel, assert_rel, make_problem, rel_err
+
+import s2m_ext
+from s2m_ext import reference
+
+T_ITER = 6
+
+
+def _run_op(p, n_iter, keep_trajectory=True, tol=0.0):
+    return s2m_ext.ops.em_fit(p.x, p.weights, *p.init, n_iter, p.var_floor, tol, keep_trajectory)
+
+
+def _reference_on(p, device, n_iter, tol=0.0):
+    """The float64 reference on exactly the inputs the op saw (rounded to their dtype)."""
+    q = p.to(torch.float64, device)
+    return reference.em_fit(q.x, q.weights, *q.init, n_iter, q.var_floor, tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,B,N,D,K,opts", SHAPES, ids=[s[0] for s in SHAPES])
+def test_forward_matches_reference(name, B, N, D, K, opts, dtype, device):
+    p = make_problem(B, N, D, K, **opts).to(dtype, device)
+    lw, mu, var, loglik, used, converged = _run_op(p, T_ITER)
+    ref = _reference_on(p, device, T_ITER)
+    rtol = RTOL[dtype]
+    assert lw.shape == (T_ITER + 1, B, K) and mu.shape == (T_ITER + 1, B, K, D)
+    assert_rel(lw[0], p.init[0], 0.0, "step 0 is the initial log_weights")
+    assert_rel(mu[0], p.init[1], 0.0, "step 0 is the initial means")
+    for got, want, what in zip((lw[-1], mu[-1], var[-1], loglik), ref[:4], ("log_weights", "means", "variances", "loglik")):
+        assert got.dtype == dtype
+        assert_rel(got, want, rtol, what)
+    assert torch.equal(used.cpu(), torch.full((B,), T_ITER))
+    assert not converged.any()
+    # The trajectory is the sequence of fits with 0..T iterations.
+    for t in (1, T_ITER // 2):
+        ref_t = _reference_on(p, device, t)
+        assert_rel(mu[t], ref_t[1], rtol, f"means after {t} iterations")
+
+
+def _reference_trajectory_grads(inputs, upstream, n_iter, var_floor, dtype):
+    """Autograd through the reference of L = sum_t <upstream[t], theta_t>, in ``dtype``."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    loss = 0
+    for step in range(n_iter + 1):
+        theta = reference.em_fit(*leaves, step, var_floor)[:3]
+        loss = loss + sum((o * g[step].to(dtype)).sum() for o, g in zip(theta, upstream))
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,B,N,D,K,opts", SHAPES, ids=[s[0] for s in SHAPES])
+def test_backward_matches_autograd_through_reference(name, B, N, D, K, opts, dtype, device):
+    """Gradients for x, weights and the initial parameters, with upstream gradients on every
+    step of the trajectory, equal autograd through the reference (float64)."""
+    p = make_problem(B, N, D, K, **opts).to(dtype, device)
+    n_iter = 4
+    names = ("x", "weights", "log_weights0", "means0", "variances0")
+    inputs = [t.clone().requires_grad_() for t in (p.x, p.weights, *p.init)]
+    out = s2m_ext.ops.em_fit(*inputs, n_iter, p.var_floor, 0.0, True)
+    upstream = [torch.randn_like(t) for t in out[:3]]
+    grads = torch.autograd.grad(sum((o * g).sum() for o, g in zip(out[:3], upstream)), inputs)
+    assert all(g.dtype == dtype for g in grads)
+    exact = _reference_trajectory_grads(inputs, upstream, n_iter, p.var_floor, torch.float64)
+    if dtype == torch.float64:
+        assert_grads_rel(grads, exact, RTOL[dtype], names)
+        return
+    # float32: some gradients are ill-conditioned (the weight of a padding point far from
+    # every component is a difference of large terms), so the bar is the accuracy of the
+    # same computation done plainly in float32: 1e-4, or twice the float32 reference's error.
+    plain32 = _reference_trajectory_grads(inputs, upstream, n_iter, p.var_floor, torch.float32)
+    scale = max(e.abs().max().item() for e in exact)
+    for got, plain, want, what in zip(grads, plain32, exact, names):
+        bar = max(RTOL[dtype], 2 * rel_err(plain, want, scale))
+        assert_rel(got, want, bar, f"d/d{what}", scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_trajectory_gives_final_parameters_only(device):
+    p = make_problem(3, 12, 4, 2).to(torch.float64, device)
+    full = _run_op(p, 5, keep_trajectory=True)
+    final = _run_op(p, 5, keep_trajectory=False)
+    assert final[0].shape == (1, 3, 2)
+    for a, b in zip(final[:3], full[:3]):
+        assert torch.equal(a[0], b[-1])
+    assert torch.equal(final[3], full[3])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_without_trajectory_is_refused(device):
+    p = make_problem(2, 9, 3, 2).to(torch.float64, device)
+    x = p.x.clone().requires_grad_()
+    out = s2m_ext.ops.em_fit(x, p.weights, *p.init, 3, p.var_floor, 0.0, False)
+    with pytest.raises(ValueError, match="keep_trajectory"):
+        out[1].sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_iterations_return_the_initial_parameters(dtype, device):
+    p = make_problem(3, 10, 4, 3).to(dtype, device)
+    gmm = s2m_ext.fit_gmm(p.x, p.weights, n_iter=0, init=s2m_ext.DiagGMM(*p.init))
+    for got, want in zip(gmm.params(), p.init):
+        assert torch.equal(got, want)
+    # The reported log-likelihood is that of the initial parameters.
+    ll = reference.em_fit(*[t.double() for t in (p.x, p.weights, *p.init)], 0, p.var_floor)[3]
+    assert_rel(gmm.loglik, ll, RTOL[dtype], "loglik at T=0")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_component_is_closed_form(device):
+    """K = 1: one M-step with r = 1 gives the weighted mean and variance, whatever T >= 1."""
+    p = make_problem(4, 30, 5, 1, pad=True).to(torch.float64, device)
+    w = p.weights.unsqueeze(-1)
+    mean = (w * p.x).sum(1) / w.sum(1)
+    var = (w * (p.x - mean.unsqueeze(1)) ** 2).sum(1) / w.sum(1) + p.var_floor
+    for n_iter in (1, 2, 7):
+        lw, mu, v, *_ = _run_op(p, n_iter)
+        assert_rel(mu[-1, :, 0], mean, 1e-12, "K=1 mean")
+        assert_rel(v[-1, :, 0], var, 1e-12, "K=1 variance")
+        assert torch.equal(lw[-1], torch.zeros_like(lw[-1]))

@@ -1,0 +1,210 @@
+"""What a fit means: padding, integer weights, scikit-learn agreement, degenerate sets,
+determinism, warm starts and the distribution view."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICES, DTYPES, RTOL
+from problems import assert_rel, make_problem
+
+import s2m_ext
+from s2m_ext import DiagGMM, reference
+
+
+def _fit(p, n_iter, **kw):
+    return s2m_ext.fit_gmm(p.x, p.weights, n_iter=n_iter, init=DiagGMM(*p.init), var_floor=p.var_floor, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_padding_equals_removing_the_points(dtype, device):
+    """Points of weight 0 have no effect, whatever their values (here: huge)."""
+    p = make_problem(4, 23, 5, 3, pad=True).to(dtype, device)
+    x = torch.where(p.weights.unsqueeze(-1) > 0, p.x, torch.full_like(p.x, 1e6))
+    padded = s2m_ext.fit_gmm(x, p.weights, n_iter=7, init=DiagGMM(*p.init), var_floor=p.var_floor)
+    for b in range(4):
+        keep = p.weights[b] > 0
+        init = DiagGMM(*(t[b : b + 1] for t in p.init))
+        alone = s2m_ext.fit_gmm(p.x[b : b + 1, keep], p.weights[b : b + 1, keep], n_iter=7, init=init, var_floor=p.var_floor)
+        for got, want in zip(padded[b].params(), alone.params()):
+            assert_rel(got, want, RTOL[dtype], f"set {b}")
+        assert_rel(padded.loglik[b : b + 1], alone.loglik, RTOL[dtype], "loglik")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_integer_weights_equal_repeated_points(device):
+    p = make_problem(3, 12, 4, 3).to(torch.float64, device)
+    counts = torch.randint(0, 4, (3, 12), device=device)
+    counts[:, 0] = 1  # no set without weight
+    weighted = s2m_ext.fit_gmm(p.x, counts.double(), n_iter=6, init=DiagGMM(*p.init), var_floor=p.var_floor)
+    for b in range(3):
+        repeated = p.x[b].repeat_interleave(counts[b], dim=0).unsqueeze(0)
+        init = DiagGMM(*(t[b : b + 1] for t in p.init))
+        plain = s2m_ext.fit_gmm(repeated, None, n_iter=6, init=init, var_floor=p.var_floor)
+        for got, want in zip(weighted[b].params(), plain.params()):
+            assert_rel(got, want, 1e-12, f"set {b}")
+
+
+@pytest.mark.parametrize("n_iter", [1, 5, 20])
+@pytest.mark.parametrize("K", [1, 3])
+def test_agrees_with_scikit_learn(n_iter, K):
+    """Same initial parameters, tol=0: scikit-learn's diag GaussianMixture runs the same
+    iterations. It computes variances as E[x^2] - 2 x mu + mu^2, which loses about
+    |x|^2 / var ulps to cancellation (data here are O(10) around spreads O(1)): hence 1e-9."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    p = make_problem(3, 40, 4, K, var_floor=1e-3)
+    ours = s2m_ext.fit_gmm(p.x, None, n_iter=n_iter, init=DiagGMM(p.init[0], p.init[1], p.init[2]), var_floor=p.var_floor)
+    for b in range(3):
+        gm = GaussianMixture(
+            n_components=K,
+            covariance_type="diag",
+            reg_covar=p.var_floor,
+            tol=0.0,
+            max_iter=n_iter,
+            weights_init=p.init[0][b].exp().numpy(),
+            means_init=p.init[1][b].numpy(),
+            precisions_init=(1.0 / p.init[2][b]).numpy(),
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gm.fit(p.x[b].numpy())
+        assert_rel(ours.log_weights[b].exp(), torch.from_numpy(gm.weights_), 1e-9, "weights")
+        assert_rel(ours.means[b], torch.from_numpy(gm.means_), 1e-9, "means")
+        assert_rel(ours.variances[b], torch.from_numpy(gm.covariances_), 1e-9, "variances")
+        assert gm.n_iter_ == n_iter == int(ours.n_iter[b])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dead_component_keeps_its_parameters_and_stays_finite(dtype, device):
+    """A component far from every point gets no responsibility: it keeps its mean and
+    variance, its weight drops to ~0, and values and gradients stay finite."""
+    p = make_problem(2, 20, 3, 3).to(dtype, device)
+    lw, mu, var = (t.clone() for t in p.init)
+    mu[:, 2] = 1e3  # thousands of standard deviations away from the data
+    x = p.x.clone().requires_grad_()
+    gmm = s2m_ext.fit_gmm(x, p.weights, n_iter=5, init=DiagGMM(lw, mu, var), var_floor=p.var_floor)
+    assert torch.equal(gmm.means[:, 2], mu[:, 2])
+    assert torch.equal(gmm.variances[:, 2], var[:, 2])
+    assert (gmm.log_weights[:, 2] <= math.log(torch.finfo(dtype).eps)).all()
+    assert torch.allclose(gmm.log_weights.exp().sum(1), torch.ones(2, dtype=dtype, device=device))
+    (gmm.means.sum() + gmm.variances.sum() + gmm.log_weights[:, :2].sum() + gmm.log_prob(x.detach()).sum()).backward()
+    assert torch.isfinite(x.grad).all()
+    # The reference under the same dtype's rules (the dead weight is log(tiny) of the dtype).
+    ref = reference.em_fit(p.x, p.weights, lw, mu, var, 5, p.var_floor)
+    for got, want in zip(gmm.params(), ref[:3]):
+        assert_rel(got, want, RTOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("var_floor", [0.0, 1e-3])
+def test_identical_points_stay_finite(var_floor, dtype, device):
+    """All points equal and no variance floor: the likelihood is unbounded, the variance
+    collapses to the rounding level of the mean (|x| eps)^2 or the clamp eps^2, whichever is
+    larger, and nothing becomes NaN or Inf, gradients included."""
+    x = torch.full((2, 9, 4), 0.3, dtype=dtype, device=device)
+    x[1] = 1e4
+    x.requires_grad_()
+    gmm = s2m_ext.fit_gmm(x, None, n_components=3, n_iter=8, var_floor=var_floor)
+    eps = torch.finfo(dtype).eps
+    assert (gmm.variances >= eps**2).all()
+    if var_floor == 0.0:
+        resolution = (4 * eps * x.detach().abs().amax(dim=(1, 2))) ** 2  # a few ulps of the mean, squared
+        assert (gmm.variances.amax(dim=(1, 2)) <= torch.maximum(resolution, torch.tensor(eps**2))).all()
+    scores = gmm.log_prob(x.detach() + 0.01)
+    total = gmm.means.sum() + gmm.variances.sum() + gmm.log_weights.sum() + scores.sum() + gmm.loglik.sum()
+    assert torch.isfinite(total)
+    total.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_fit_and_reference_agrees(device):
+    x = torch.randn(5, 30, 6, dtype=torch.float64, device=device)
+    fits = [s2m_ext.fit_gmm(x, n_components=3, generator=torch.Generator(device).manual_seed(7)) for _ in range(2)]
+    ref = reference.fit_gmm(x, n_components=3, generator=torch.Generator(device).manual_seed(7))
+    other = s2m_ext.fit_gmm(x, n_components=3, generator=torch.Generator(device).manual_seed(8))
+    for a, b, r in zip(fits[0].params(), fits[1].params(), ref.params()):
+        assert torch.equal(a, b)
+        assert_rel(a, r, 1e-10)
+    assert not torch.equal(fits[0].means, other.means)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kmeanspp_op_matches_reference(dtype, device):
+    B, N, D, K = 6, 25, 3, 4
+    x = torch.randn(B, N, D, dtype=dtype, device=device)
+    x[0, 5:] = x[0, 0]  # set 0: 5 distinct points
+    x[1, 2:] = x[1, 0]  # set 1: 2 distinct points < K: falls back to drawing by weight
+    w = torch.rand(B, N, dtype=dtype, device=device)
+    w[2, :20] = 0
+    u = torch.rand(B, K, dtype=torch.float64, device=device)
+    idx = s2m_ext.ops.kmeanspp(x, w, u)
+    assert torch.equal(idx, reference.kmeanspp(x, w, u))
+    assert (idx[2] >= 20).all(), "zero-weight points are never chosen"
+    assert len(set(idx[0].tolist())) == K, "distinct points are chosen while there are enough"
+
+
+def test_kmeanspp_draws_proportionally_to_weighted_squared_distance():
+    """Second draw: P(n) = w_n d_n^2 / sum. Checked by the empirical frequency over many sets."""
+    pts = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+    B = 20000
+    x, weights = pts.expand(B, 3, 1), w.expand(B, 3)
+    u = torch.rand(B, 2, dtype=torch.float64)
+    u[:, 0] = 0.0  # first draw: always point 0
+    idx = s2m_ext.ops.kmeanspp(x, weights, u)
+    assert (idx[:, 0] == 0).all()
+    freq = torch.bincount(idx[:, 1], minlength=3).double() / B
+    expected = torch.tensor([0.0, 2 * 1.0, 1 * 9.0], dtype=torch.float64) / 11.0
+    # 5 binomial standard deviations
+    assert ((freq - expected).abs() <= 5 * (expected * (1 - expected) / B).sqrt() + 1e-12).all(), freq
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_warm_start_continues_the_fit(device):
+    """fit(T1 + T2) == fit(T2, init=fit(T1)): the per-class cache of the paper."""
+    p = make_problem(3, 20, 4, 3).to(torch.float64, device)
+    full = _fit(p, 9)
+    half = _fit(p, 4)
+    resumed = s2m_ext.fit_gmm(p.x, p.weights, n_iter=5, init=half, var_floor=p.var_floor)
+    for a, b in zip(full.params(), resumed.params()):
+        assert_rel(a, b, 1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_to_distribution_gives_the_same_densities(dtype, device):
+    p = make_problem(3, 20, 4, 2).to(dtype, device)
+    gmm = _fit(p, 5)
+    z = torch.randn(3, 7, 4, dtype=dtype, device=device)
+    dist = gmm.to_distribution()
+    assert dist.batch_shape == (3,) and dist.event_shape == (4,)
+    assert_rel(dist.log_prob(z.transpose(0, 1)).transpose(0, 1), gmm.log_prob(z), RTOL[dtype])
+    pool = torch.randn(11, 4, dtype=dtype, device=device)
+    assert_rel(dist.log_prob(pool.unsqueeze(1)).t(), gmm.log_prob_pool(pool), RTOL[dtype])
+
+
+def test_fit_reports_log_likelihood_of_the_returned_parameters():
+    p = make_problem(4, 30, 3, 2)
+    gmm = _fit(p, 6)
+    ll = (p.weights * gmm.log_prob(p.x)).sum(1) / p.weights.sum(1)
+    assert_rel(gmm.loglik, ll, 1e-12)
+    assert gmm.loglik.grad_fn is None  # a diagnostic, not differentiable
+
+
+def test_em_never_decreases_the_likelihood():
+    """EM's defining property (with a variance floor the objective is the penalised one,
+    so check the unfloored case)."""
+    p = make_problem(6, 50, 3, 3, var_floor=0.0)
+    lls = [_fit(p, t).loglik for t in range(0, 12)]
+    for before, after in zip(lls, lls[1:]):
+        assert (after >= before - 1e-9 * before.abs()).all()
