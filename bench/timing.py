@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,16 +29,20 @@ def time_calls(call: Callable[[], object], number: int, device: str) -> float:
     return time_calls_cpu(call, number, device)[0]
 
 
-def time_calls_cpu(call: Callable[[], object], number: int, device: str) -> Tuple[float, float]:
-    """(wall-clock, process CPU) seconds per call of ``number`` back-to-back calls. The CPU
-    time (user + system, all threads of this process) is what the call cost the machine: on a
-    shared CPU it is far less sensitive to other processes' load than the wall-clock time."""
+def time_calls_cpu(call: Callable[[], object], number: int, device: str) -> Tuple[float, float, float]:
+    """(wall-clock, process CPU, of which system) seconds per call of ``number`` back-to-back
+    calls. The CPU time (user + system, all threads of this process) is what the call cost
+    the machine: on a shared CPU it is far less sensitive to other processes' load than the
+    wall-clock time. System time is mostly page faults: eager PyTorch's large temporaries
+    are fresh mmapped pages that the kernel zeroes on first touch."""
     synchronize(device)
-    start, start_cpu = time.perf_counter(), time.process_time()
+    start, t0 = time.perf_counter(), os.times()
     for _ in range(number):
         call()
     synchronize(device)
-    return (time.perf_counter() - start) / number, (time.process_time() - start_cpu) / number
+    wall, t1 = time.perf_counter() - start, os.times()
+    system = t1.system - t0.system
+    return wall / number, (t1.user - t0.user + system) / number, system / number
 
 
 @dataclass
@@ -46,6 +51,7 @@ class Timing:
 
     samples: List[float] = field(default_factory=list)
     cpu_samples: List[float] = field(default_factory=list)
+    sys_samples: List[float] = field(default_factory=list)
     number: int = 1
 
     @property
@@ -57,6 +63,12 @@ class Timing:
         return statistics.median(self.cpu_samples) if self.cpu_samples else math.nan
 
     @property
+    def sys_share(self) -> float:
+        """Share of the CPU time spent in the kernel, over all samples."""
+        total = sum(self.cpu_samples)
+        return sum(self.sys_samples) / total if total > 0 else math.nan
+
+    @property
     def spread(self) -> float:
         """(max - min) / median over the samples: how noisy this cell was."""
         if len(self.samples) < 2:
@@ -65,7 +77,8 @@ class Timing:
 
     def as_dict(self) -> Dict[str, object]:
         return {"median_s": self.median, "samples_s": self.samples, "cpu_median_s": self.cpu_median,
-                "cpu_samples_s": self.cpu_samples, "number": self.number, "repeats": len(self.samples),
+                "cpu_samples_s": self.cpu_samples, "sys_share": self.sys_share, "number": self.number,
+                "repeats": len(self.samples),
                 "spread": self.spread}
 
 
@@ -103,9 +116,10 @@ def side_by_side(calls: Dict[str, Callable[[], object]], first_call_s: Dict[str,
             for name in order:
                 timing = timings[name]
                 if len(timing.samples) < wanted[name]:
-                    wall, cpu = time_calls_cpu(calls[name], timing.number, device)
+                    wall, cpu, system = time_calls_cpu(calls[name], timing.number, device)
                     timing.samples.append(wall)
                     timing.cpu_samples.append(cpu)
+                    timing.sys_samples.append(system)
             rnd += 1
     finally:
         gc.enable()
