@@ -171,6 +171,8 @@ def run_cell(cell: Cell, s: Settings, projector: Projector, peaks: Optional[Tupl
     entries: Dict[str, Dict[str, object]] = record["contenders"]  # type: ignore[assignment]
     forced = any(t in FORCED for t in cell.tags)
     todo = []
+    if s.device == "cuda":
+        torch.cuda.empty_cache()  # so that the free memory seen by memory_skip is really free
     for name in s.contenders:
         c = CONTENDERS[name]
         reason = c.skip_reason(workload, s.device) or policy_skip(name, cell, s) or memory_skip(name, cell, s)
@@ -210,6 +212,8 @@ def run_cell(cell: Cell, s: Settings, projector: Projector, peaks: Optional[Tupl
             entry.clear()
             entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log(f"    {name}: ERROR {entry['error']}")
+            if s.device == "cuda":
+                torch.cuda.empty_cache()
             continue
         if name == BASELINE:
             expected = out
@@ -399,7 +403,7 @@ def result_path(out_dir: str, device: str, suffix: str) -> str:
 # ----------------------------------------------------------------------------- entry points
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--quick", action="store_true", help="fewer sweep points, repeats and contenders per cell")
     ap.add_argument("--smoke", action="store_true", help="implies --quick; one call per contender and cell: "
