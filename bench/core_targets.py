@@ -188,7 +188,7 @@ def run_core_targets(args: argparse.Namespace) -> int:
     for rec in records:
         for name, e in rec["contenders"].items():  # type: ignore[union-attr]
             rows.append([rec["workload"], name, fmt_time(e.get("median_s")), fmt_time(e.get("cpu_median_s")),
-                         f"{100 * e['sys_share']:.0f}%" if "sys_share" in e else "",
+                         f"{100 * e['sys_share']:.0f}%" if e.get("sys_share") is not None else "",
                          str(e.get("repeats", "")),
                          f"{e['ratio_to_s2m_ext']:.3g}x" if "ratio_to_s2m_ext" in e else "",
                          f"{e['cpu_ratio_to_s2m_ext']:.3g}x" if "cpu_ratio_to_s2m_ext" in e else "",

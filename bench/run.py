@@ -229,7 +229,7 @@ def run_cell(cell: Cell, s: Settings, projector: Projector, peaks: Optional[Tupl
         projector.record(name, cell, timing.median)
         if base is not None and name != BASELINE:
             entry["ratio_to_s2m_ext"] = timing.median / base.median
-            if s.device == "cpu":
+            if s.device == "cpu" and base.cpu_median > 0:
                 entry["cpu_ratio_to_s2m_ext"] = timing.cpu_median / base.cpu_median
         entry["gflops"] = record["flops"] / timing.median / 1e9
         entry["gbytes_per_s"] = record["bytes"] / timing.median / 1e9

@@ -36,13 +36,13 @@ def time_calls_cpu(call: Callable[[], object], number: int, device: str) -> Tupl
     wall-clock time. System time is mostly page faults: eager PyTorch's large temporaries
     are fresh mmapped pages that the kernel zeroes on first touch."""
     synchronize(device)
-    start, t0 = time.perf_counter(), os.times()
+    start, start_cpu, t0 = time.perf_counter(), time.process_time(), os.times()
     for _ in range(number):
         call()
     synchronize(device)
-    wall, t1 = time.perf_counter() - start, os.times()
-    system = t1.system - t0.system
-    return wall / number, (t1.user - t0.user + system) / number, system / number
+    wall, cpu, t1 = time.perf_counter() - start, time.process_time() - start_cpu, os.times()
+    # os.times ticks in 10 ms steps: good for the system share summed over samples only.
+    return wall / number, cpu / number, (t1.system - t0.system) / number
 
 
 @dataclass
@@ -64,9 +64,11 @@ class Timing:
 
     @property
     def sys_share(self) -> float:
-        """Share of the CPU time spent in the kernel, over all samples."""
-        total = sum(self.cpu_samples)
-        return sum(self.sys_samples) / total if total > 0 else math.nan
+        """Share of the CPU time spent in the kernel, over all samples (coarse: the system
+        time is counted in 10 ms ticks, so it means little below ~0.1 s of samples)."""
+        total = sum(c * self.number for c in self.cpu_samples)
+        system = sum(c * self.number for c in self.sys_samples)
+        return min(1.0, system / total) if total >= 0.1 else math.nan
 
     @property
     def spread(self) -> float:
@@ -76,6 +78,11 @@ class Timing:
         return (max(self.samples) - min(self.samples)) / self.median
 
     def as_dict(self) -> Dict[str, object]:
+        """JSON-ready (NaN, where a statistic is undefined, becomes None)."""
+        clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731
+        return {k: clean(v) for k, v in self._fields().items()}
+
+    def _fields(self) -> Dict[str, object]:
         return {"median_s": self.median, "samples_s": self.samples, "cpu_median_s": self.cpu_median,
                 "cpu_samples_s": self.cpu_samples, "sys_share": self.sys_share, "number": self.number,
                 "repeats": len(self.samples),
