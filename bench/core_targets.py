@@ -23,7 +23,7 @@ import torch
 from . import env
 from .run import (Projector, Settings, cpu_memory_phase, evaluate_targets, fmt_time, format_targets,
                   log, memory_ratios, render_table, result_path, run_cell)
-from .timing import Budget, side_by_side
+from .timing import Budget, release_free_heap, side_by_side
 from .workloads import NAMED_SHAPES, Cell, flops, make_problem
 
 PROFILE_T = (1, 5, 10, 20)
@@ -117,6 +117,7 @@ def profile(threads_list: Sequence[int], budget: Budget) -> Dict[str, object]:
         split = _reference_split(problem)
         fwd_s, bwd_s, cpu_s, sys_s = [], [], 0.0, 0.0
         for _ in range(max(3, budget.min_repeats)):
+            release_free_heap()
             c0, t0 = os.times(), time.perf_counter()
             split["forward"]()
             t1 = time.perf_counter()

@@ -16,7 +16,6 @@ when setting up peaked higher than the call's baseline (the JSON says which meth
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import resource
@@ -25,6 +24,8 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from .timing import release_free_heap
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,13 +55,6 @@ def _status_bytes() -> Dict[str, int]:
     return values
 
 
-def _release_free_heap() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def reset_peak_rss() -> bool:
     """Reset the kernel's RSS high-water mark of this process (Linux >= 4.0)."""
     try:
@@ -76,7 +70,7 @@ def rss_peak_of(call: Callable[[], object]) -> Dict[str, object]:
     import gc
 
     gc.collect()
-    _release_free_heap()
+    release_free_heap()
     if reset_peak_rss():
         before = _status_bytes()["VmRSS"]
         out = call()
