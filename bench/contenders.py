@@ -43,17 +43,17 @@ def _linear_loss(params: Tuple[Tensor, Tensor, Tensor], cotangents: Tuple[Tensor
     return sum((c * p).sum() for c, p in zip(cotangents, params))
 
 
-def _params_output(lw: Tensor, mu: Tensor, var: Tensor) -> Output:
-    return {"log_weights": lw.detach().double().cpu(), "means": mu.detach().double().cpu(),
-            "variances": var.detach().double().cpu()}
+def _params_output(lw: Tensor, mu: Tensor, var: Tensor, sets: Tensor) -> Output:
+    pick = lambda t: t.detach()[sets.to(t.device)].double().cpu()  # noqa: E731
+    return {"log_weights": pick(lw), "means": pick(mu), "variances": pick(var)}
 
 
-def _grad_output(grad: Tensor) -> Output:
-    return {"grad_x": grad.detach().double().cpu()}
+def _grad_output(grad: Tensor, sets: Tensor) -> Output:
+    return {"grad_x": grad.detach()[sets.to(grad.device)].double().cpu()}
 
 
-def _scores_output(scores: Tensor) -> Output:
-    return {"scores": scores.detach().double().cpu()}
+def _scores_output(scores: Tensor, sets: Tensor) -> Output:
+    return {"scores": scores.detach()[sets.to(scores.device)].double().cpu()}
 
 
 def _leaf(x: Tensor) -> Tensor:
@@ -114,15 +114,15 @@ class S2M(Contender):
         s, p = problem.shape, problem
         if workload == "pool":
             gmm = s2m_ext.DiagGMM(*p.pool_model)
-            return Prepared(lambda: gmm.log_prob_pool(p.pool_z), _scores_output)
+            return Prepared(lambda: gmm.log_prob_pool(p.pool_z), lambda out: _scores_output(out, p.check_sets))
         init = s2m_ext.DiagGMM(*p.init)
 
         def fit(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
             return s2m_ext.fit_gmm(x, p.weights, init=init, n_iter=s.T, var_floor=p.var_floor).params()
 
         if workload == "forward":
-            return Prepared(lambda: fit(p.x), lambda out: _params_output(*out))
-        return Prepared(_backward_call(_leaf(p.x), fit, p.cotangents), _grad_output)
+            return Prepared(lambda: fit(p.x), lambda out: _params_output(*out, p.check_sets))
+        return Prepared(_backward_call(_leaf(p.x), fit, p.cotangents), lambda g: _grad_output(g, p.check_sets))
 
     def memory_estimate(self, workload: str, s: Shape, itemsize: int = 4) -> float:
         params = s.B * s.K * (2 * s.D + 1)
@@ -152,15 +152,17 @@ class Reference(Contender):
         p = problem
         if workload == "pool":
             pool = self.wrap(reference.log_prob_pool)
-            return Prepared(lambda: pool(p.pool_z, *p.pool_model), _scores_output, self.compiles)
+            return Prepared(lambda: pool(p.pool_z, *p.pool_model), lambda out: _scores_output(out, p.check_sets),
+                            self.compiles)
         em = self.wrap(functools.partial(reference.em_fit, n_iter=p.shape.T, var_floor=p.var_floor))
 
         def fit(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
             return em(x, p.weights, *p.init)[:3]
 
         if workload == "forward":
-            return Prepared(lambda: fit(p.x), lambda out: _params_output(*out), self.compiles)
-        return Prepared(_backward_call(_leaf(p.x), fit, p.cotangents), _grad_output, self.compiles)
+            return Prepared(lambda: fit(p.x), lambda out: _params_output(*out, p.check_sets), self.compiles)
+        return Prepared(_backward_call(_leaf(p.x), fit, p.cotangents), lambda g: _grad_output(g, p.check_sets),
+                        self.compiles)
 
     def memory_estimate(self, workload: str, s: Shape, itemsize: int = 4) -> float:
         if workload == "pool":
@@ -235,7 +237,7 @@ class SklearnLoop(Contender):
             def score():
                 return np.stack([gm.score_samples(z) for gm in models])
 
-            return Prepared(score, lambda out: _scores_output(torch.from_numpy(out)))
+            return Prepared(score, lambda out: _scores_output(torch.from_numpy(out), p.check_sets))
         if workload != "forward":
             raise ValueError(f"{self.name} has no workload {workload!r}")
         x = self._numpy(p.x)
@@ -260,9 +262,10 @@ class SklearnLoop(Contender):
             return fitted
 
         def extract(fitted) -> Output:
+            chosen = [fitted[i] for i in p.check_sets.tolist()]
             t = lambda a: torch.from_numpy(np.stack(a)).double()  # noqa: E731
-            return {"log_weights": t([g.weights_ for g in fitted]).log(), "means": t([g.means_ for g in fitted]),
-                    "variances": t([g.covariances_ for g in fitted])}
+            return {"log_weights": t([g.weights_ for g in chosen]).log(), "means": t([g.means_ for g in chosen]),
+                    "variances": t([g.covariances_ for g in chosen])}
 
         return Prepared(fit_all, extract)
 
@@ -313,15 +316,15 @@ class TorchLoop(Contender):
                     rows.append(D.MixtureSameFamily(D.Categorical(logits=lw[b]), comp).log_prob(p.pool_z))
                 return torch.stack(rows)
 
-            return Prepared(score, _scores_output)
+            return Prepared(score, lambda out: _scores_output(out, p.check_sets))
 
         def fit(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
             per_set = [loop_em(x[b], p.weights[b], *(t[b] for t in p.init), s.T, p.var_floor) for b in range(s.B)]
             return tuple(torch.stack([f[i] for f in per_set]) for i in range(3))
 
         if workload == "forward":
-            return Prepared(lambda: fit(p.x), lambda out: _params_output(*out))
-        return Prepared(_backward_call(_leaf(p.x), fit, p.cotangents), _grad_output)
+            return Prepared(lambda: fit(p.x), lambda out: _params_output(*out, p.check_sets))
+        return Prepared(_backward_call(_leaf(p.x), fit, p.cotangents), lambda g: _grad_output(g, p.check_sets))
 
     def memory_estimate(self, workload: str, s: Shape, itemsize: int = 4) -> float:
         if workload == "pool":
@@ -382,7 +385,8 @@ class GmmGpu(Contender):
             # -inf where a point's densities underflowed under every component
             finite = torch.isfinite(gmm.score_samples(p.x, force_cpu_result=False)).all(1)
             iterated = (weights != w0).any(1)
-            return {"weights": weights.double().cpu(), "means": means.double().cpu(),
+            sets = p.check_sets.to(weights.device)
+            return {"weights": weights[sets].double().cpu(), "means": means[sets].double().cpu(),
                     "valid": (finite & iterated & torch.isfinite(means).all(2).all(1)).cpu()}
 
         return Prepared(fit, extract)

@@ -8,6 +8,9 @@ T=10, float32, measured side by side, then a profile of where s2m_ext's time goe
   least-squares slope (seconds per EM iteration) and intercept;
 * the reference's forward (graph recording) vs backward split;
 * thread scaling: the same at 1 thread and at torch's default thread count.
+
+The targets are measured like the summary (each contender in its own process, interleaved);
+the profile runs in this process (s2m_ext's ops, then the reference's split).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from typing import Dict, List, Sequence
 import torch
 
 from . import env
-from .run import (Projector, Settings, cpu_memory_phase, evaluate_targets, fmt_time, format_targets,
-                  log, memory_ratios, render_table, result_path, run_cell)
-from .timing import Budget, release_free_heap, side_by_side
+from .run import (Projector, Settings, evaluate_targets, fmt_time, format_targets, log, memory_ratios,
+                  render_table, result_path, run_cell)
+from .timing import Budget, local_sampler, release_free_heap, side_by_side
+from .worker import Workers
 from .workloads import NAMED_SHAPES, Cell, flops, make_problem
 
 PROFILE_T = (1, 5, 10, 20)
@@ -90,7 +94,7 @@ def profile(threads_list: Sequence[int], budget: Budget) -> Dict[str, object]:
             t0 = time.perf_counter()
             call()
             first[name] = time.perf_counter() - t0
-        timings = side_by_side(calls, first, "cpu", budget)
+        timings = side_by_side({n: local_sampler(c, "cpu") for n, c in calls.items()}, first, budget)
         rows["ops_T10"] = {n: t.median for n, t in timings.items()}
         # Per-iteration cost: op times against T, least-squares line.
         per_t: Dict[int, Dict[str, float]] = {}
@@ -103,7 +107,8 @@ def profile(threads_list: Sequence[int], budget: Budget) -> Dict[str, object]:
                 t0 = time.perf_counter()
                 call()
                 f[name] = time.perf_counter() - t0
-            per_t[n_iter] = {n: t.median for n, t in side_by_side(c, f, "cpu", budget).items()}
+            samplers = {n: local_sampler(call, "cpu") for n, call in c.items()}
+            per_t[n_iter] = {n: t.median for n, t in side_by_side(samplers, f, budget).items()}
         fits = {}
         for name in ("em_fit", "em_fit_backward"):
             ts = list(PROFILE_T)
@@ -172,12 +177,11 @@ def run_core_targets(args: argparse.Namespace) -> int:
         f"load average {meta['load_average']}")
     records: List[Dict[str, object]] = []
     projector = Projector()
-    for workload, names in (("forward", ["s2m_ext", "sklearn", "reference"]), ("fwd_bwd", ["s2m_ext", "reference"])):
-        s.contenders = names
-        log(f"[{workload}]")
-        records.append(run_cell(Cell(workload, shape, ("core",)), s, projector, None))
-    if s.memory and args.device == "cpu":
-        cpu_memory_phase(records, s)
+    with Workers(args.device, args.threads) as workers:
+        for workload, names in (("forward", ["s2m_ext", "sklearn", "reference"]), ("fwd_bwd", ["s2m_ext", "reference"])):
+            s.contenders = names
+            log(f"[{workload}]")
+            records.append(run_cell(Cell(workload, shape, ("core",)), s, projector, None, workers))
     memory_ratios(records)
     targets = evaluate_targets(records)
     prof = None

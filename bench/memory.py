@@ -1,33 +1,26 @@
-"""Peak memory of one call.
+"""Peak memory of one call, measured in the contender's own worker process (bench/worker.py),
+right after its timing: the call has run warm at that shape several times.
 
 CUDA: ``torch.cuda.max_memory_allocated`` during the call, minus what was allocated before
 it (so the inputs, shared by all contenders, are not counted; the outputs are).
 
-CPU: peak resident set size (RSS) of a fresh subprocess (``python -m bench.memprobe``, one per
-workload) that imports, builds the inputs, prepares the contender and warms it up on a tiny shape (so that
-one-time costs such as thread pools and lazily loaded code are not charged to the call), then
-releases freed heap pages (``malloc_trim``), resets the kernel's RSS high-water mark
-(``/proc/self/clear_refs``), and runs one call: peak = VmHWM after the call - VmRSS before it.
-This counts every allocation the call makes, torch's, numpy's and the Python heap's alike.
-Where the high-water mark cannot be reset (not Linux), the probe runs one shape per process
-and reports ``ru_maxrss`` after the call minus ``ru_maxrss`` before it, which undercounts
-when setting up peaked higher than the call's baseline (the JSON says which method was used).
+CPU: peak resident set size (RSS) of the process: ``gc.collect()``, ``malloc_trim(0)`` (freed
+heap pages go back to the kernel, so the call cannot hide in pages that are resident but
+free), reset of the kernel's RSS high-water mark (``/proc/self/clear_refs``), one call;
+peak = VmHWM after - VmRSS before. This counts every allocation the call makes, torch's,
+numpy's and the Python heap's alike. Where the high-water mark cannot be reset (not Linux),
+``ru_maxrss`` after minus before is reported instead, which undercounts when the process
+peaked higher earlier (each result names its method).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import resource
-import subprocess
-import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict
 
 import torch
 
 from .timing import release_free_heap
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -44,7 +37,7 @@ def cuda_peak_bytes(call: Callable[[], object]) -> int:
     return int(peak)
 
 
-# ----------------------------------------------------------------------------- CPU (in the probe)
+# ----------------------------------------------------------------------------- CPU
 def _status_bytes() -> Dict[str, int]:
     values = {}
     with open("/proc/self/status") as f:
@@ -83,30 +76,3 @@ def rss_peak_of(call: Callable[[], object]) -> Dict[str, object]:
         method = "ru_maxrss after - ru_maxrss before (no reset: may undercount)"
     del out
     return {"peak_bytes": max(0, peak - before), "baseline_bytes": before, "method": method}
-
-
-# ----------------------------------------------------------------------------- CPU (the runner's side)
-def probe(spec: Dict[str, object], timeout_s: float) -> List[Dict[str, object]]:
-    """Run ``python -m bench.memprobe`` on ``spec`` in a fresh subprocess; one result per item
-    (a dict with ``error`` where the probe failed or timed out)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    items = spec.get("items", [None])
-    try:
-        proc = subprocess.run([sys.executable, "-m", "bench.memprobe", json.dumps(spec)], capture_output=True,
-                              text=True, timeout=timeout_s, env=env, cwd=REPO_ROOT)
-    except subprocess.TimeoutExpired:
-        return [{"error": f"memory probe timed out after {timeout_s:.0f} s"} for _ in items]
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or len(results) < len(items):
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        results += [{"error": f"memory probe failed: {err}"} for _ in range(len(items) - len(results))]
-    return results
-
-
-def calibrate(mib: int = 256, timeout_s: float = 120.0) -> Optional[Dict[str, object]]:
-    """Measure a known allocation of ``mib`` MiB with the probe: a check of the method."""
-    result = probe({"calibrate_mib": mib}, timeout_s)[0]
-    if "peak_bytes" in result:
-        result["expected_bytes"] = mib * 2**20
-    return result

@@ -21,9 +21,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import env, memory
+from . import env
 from .contenders import BASELINE, CONTENDERS, validity
-from .timing import Budget, side_by_side, synchronize, time_calls
+from .timing import Budget, side_by_side
+from .worker import Workers, WorkerError, calibrate, remote_sample
 from .workloads import NAMED_SHAPES, WORKLOADS, Cell, compulsory_bytes, describe_flops, flops, make_problem, plan
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -31,6 +32,9 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 #: Named shapes whose cells are always measured for every contender that can run them
 #: (never skipped by the time projection): the paper's scale and the issue-2 target shape.
 FORCED = ("paper", "core")
+
+#: Seconds a contender may take to build its inputs, compile and run its first call.
+PREPARE_TIMEOUT_S = 1800.0
 
 #: Issue-2 targets at the "core" shape: (workload, what, numerator contender, threshold).
 CORE_TARGETS = (
@@ -161,8 +165,21 @@ class Projector:
         self.last[(cell.workload, name)] = (flops(cell.workload, cell.shape), seconds)
 
 
-def run_cell(cell: Cell, s: Settings, projector: Projector, peaks: Optional[Tuple[float, float]]) -> Dict[str, object]:
-    """Measure every contender at one cell; returns the cell's JSON record."""
+def memory_wanted(name: str, cell: Cell, s: Settings) -> Optional[str]:
+    """None if the peak memory of (cell, contender) is measured, else why not."""
+    if not s.memory:
+        return "--no-memory"
+    if CONTENDERS[name].cpu_only and s.device != "cpu":
+        return "runs on the CPU: no GPU memory"
+    if name == "compiled" and s.quick and "core" not in cell.tags:
+        return "--quick: compiled memory measured at the core shape only"
+    return None
+
+
+def run_cell(cell: Cell, s: Settings, projector: Projector, peaks: Optional[Tuple[float, float]],
+             workers: Workers) -> Dict[str, object]:
+    """Measure every contender at one cell, each in its own worker process; returns the
+    cell's JSON record."""
     shape, workload = cell.shape, cell.workload
     record: Dict[str, object] = {
         "workload": workload, "shape": shape.as_dict(), "label": shape.label(workload), "tags": list(cell.tags),
@@ -171,8 +188,6 @@ def run_cell(cell: Cell, s: Settings, projector: Projector, peaks: Optional[Tupl
     entries: Dict[str, Dict[str, object]] = record["contenders"]  # type: ignore[assignment]
     forced = any(t in FORCED for t in cell.tags)
     todo = []
-    if s.device == "cuda":
-        torch.cuda.empty_cache()  # so that the free memory seen by memory_skip is really free
     for name in s.contenders:
         c = CONTENDERS[name]
         reason = c.skip_reason(workload, s.device) or policy_skip(name, cell, s) or memory_skip(name, cell, s)
@@ -188,99 +203,71 @@ def run_cell(cell: Cell, s: Settings, projector: Projector, peaks: Optional[Tupl
         return record
 
     started = time.perf_counter()
-    problem = make_problem(shape, workload, s.device, seed=s.seed)
-    calls, warm_s, expected = {}, {}, None
-    for name in todo:
-        c = CONTENDERS[name]
-        entry: Dict[str, object] = {}
-        entries[name] = entry
+    samplers, warm_s, expected = {}, {}, None
+    try:
+        for name in todo:
+            entry: Dict[str, object] = {}
+            entries[name] = entry
+            try:
+                ready = workers[name].request("prepare", (workload, shape.as_dict(), s.seed, s.smoke),
+                                              timeout_s=PREPARE_TIMEOUT_S)
+            except WorkerError as exc:  # an error in one contender must not end the run
+                entry["error"] = str(exc).splitlines()[0]
+                log(f"    {name}: ERROR {entry['error']}")
+                continue
+            entry["first_call_s"] = ready["first_call_s"]
+            if ready["compiles"]:
+                entry["compile_s"] = ready["first_call_s"]
+            out = ready["output"]
+            if name == BASELINE:
+                expected = out
+            ok, note, err = validity(CONTENDERS[name], expected if name != BASELINE else None, out)
+            entry["check"] = {"ok": ok, "rel_err_vs_s2m_ext": err, "note": note}
+            warm_s[name] = ready["warm_s"]
+            samplers[name] = remote_sample(workers[name], timeout_s=60.0 + 50.0 * max(ready["warm_s"], s.cap_s))
+        budget = s.forced_budget if forced else s.budget
         try:
-            prepared = c.prepare(problem, workload)
-            synchronize(s.device)
-            t0 = time.perf_counter()
-            raw = prepared.call()
-            synchronize(s.device)
-            first = time.perf_counter() - t0
-            entry["first_call_s"] = first
-            if prepared.compiles:
-                entry["compile_s"] = first
-            # A second, warm call sets the sample length (the first may compile or allocate).
-            warm = time_calls(prepared.call, 1, s.device) if (prepared.compiles or first < 0.5) and not s.smoke else first
-            out = prepared.extract(raw)
-            del raw
-        except Exception as exc:  # an error in one contender must not end the run
-            entry.clear()
-            entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            log(f"    {name}: ERROR {entry['error']}")
-            if s.device == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        if name == BASELINE:
-            expected = out
-        ok, note, err = validity(c, expected if name != BASELINE else None, out)
-        entry["check"] = {"ok": ok, "rel_err_vs_s2m_ext": err, "note": note}
-        calls[name], warm_s[name] = prepared.call, warm
-    budget = s.forced_budget if forced else s.budget
-    timings = side_by_side(calls, warm_s, s.device, budget)
-    base = timings.get(BASELINE)
-    for name, timing in timings.items():
-        entry = entries[name]
-        entry.update(timing.as_dict())
-        projector.record(name, cell, timing.median)
-        if base is not None and name != BASELINE:
-            entry["ratio_to_s2m_ext"] = timing.median / base.median
-            if s.device == "cpu" and base.cpu_median > 0:
-                entry["cpu_ratio_to_s2m_ext"] = timing.cpu_median / base.cpu_median
-        entry["gflops"] = record["flops"] / timing.median / 1e9
-        entry["gbytes_per_s"] = record["bytes"] / timing.median / 1e9
-        if peaks and not CONTENDERS[name].cpu_only:
-            entry["flop_share"] = record["flops"] / timing.median / peaks[0]
-            entry["bandwidth_share"] = record["bytes"] / timing.median / peaks[1]
-        if CONTENDERS[name].cpu_only and s.device != "cpu":
-            entry["ran_on"] = "cpu"
-    if s.memory and s.device == "cuda":
-        for name in timings:
-            if CONTENDERS[name].cpu_only:
-                entries[name]["peak_mem_note"] = "runs on the CPU: no GPU memory"
+            timings = side_by_side(samplers, warm_s, budget)
+        except WorkerError as exc:
+            for name in samplers:
+                entries[name]["error"] = f"timing failed: {str(exc).splitlines()[0]}"
+            log(f"    ERROR {exc}")
+            return record
+        base = timings.get(BASELINE)
+        for name, timing in timings.items():
+            entry = entries[name]
+            entry.update(timing.as_dict())
+            projector.record(name, cell, timing.median)
+            if base is not None and name != BASELINE:
+                entry["ratio_to_s2m_ext"] = timing.median / base.median
+                if s.device == "cpu" and base.cpu_median > 0:
+                    entry["cpu_ratio_to_s2m_ext"] = timing.cpu_median / base.cpu_median
+            entry["gflops"] = record["flops"] / timing.median / 1e9
+            entry["gbytes_per_s"] = record["bytes"] / timing.median / 1e9
+            if peaks and not CONTENDERS[name].cpu_only:
+                entry["flop_share"] = record["flops"] / timing.median / peaks[0]
+                entry["bandwidth_share"] = record["bytes"] / timing.median / peaks[1]
+            if CONTENDERS[name].cpu_only and s.device != "cpu":
+                entry["ran_on"] = "cpu"
+            why_not = memory_wanted(name, cell, s)
+            if why_not:
+                entry["peak_mem_note"] = why_not
                 continue
-            entries[name]["peak_mem_bytes"] = memory.cuda_peak_bytes(calls[name])
-            entries[name]["mem_method"] = "torch.cuda.max_memory_allocated - memory_allocated before"
-    record["wall_s"] = time.perf_counter() - started
-    summary = ", ".join(f"{n} {fmt_time(timings[n].median)}" for n in timings)
-    log(f"    {summary}")
-    return record
-
-
-def cpu_memory_phase(records: List[Dict[str, object]], s: Settings) -> None:
-    """Peak RSS of every timed (cell, contender) on the CPU: one probe process per workload
-    measures its (contender, shape) items in turn."""
-    for workload in WORKLOADS:
-        items: List[Tuple[Dict[str, object], str]] = []
-        for rec in records:
-            if rec["workload"] != workload:
-                continue
-            for name, entry in rec["contenders"].items():  # type: ignore[union-attr]
-                if "median_s" not in entry:
-                    continue
-                if name == "compiled" and s.quick and "core" not in rec["tags"]:
-                    entry["peak_mem_note"] = "--quick: compiled memory measured at the core shape only"
-                    continue
-                items.append((rec, name))
-        if not items:
-            continue
-        spec = {"workload": workload, "seed": s.seed, "threads": torch.get_num_threads(),
-                "items": [{"contender": name, "shape": rec["shape"]} for rec, name in items]}
-        per_call = sum(float(rec["contenders"][name]["first_call_s"]) for rec, name in items)  # type: ignore[index]
-        compiles = sum(1 for _, name in items if name == "compiled")
-        timeout = 120.0 + 4.0 * per_call + 300.0 * compiles
-        log(f"  memory: {workload}, {len(items)} (contender, shape) pairs")
-        for (rec, name), result in zip(items, memory.probe(spec, timeout)):
-            entry = rec["contenders"][name]  # type: ignore[index]
-            if "peak_bytes" in result:
+            try:
+                result = workers[name].request("memory", timeout_s=120.0 + 20.0 * timing.median)
                 entry["peak_mem_bytes"] = result["peak_bytes"]
-                entry["mem_method"] = "peak RSS of a subprocess: " + str(result["method"])
-            else:
-                entry["peak_mem_note"] = result.get("error", "no result")
+                entry["mem_method"] = result["method"]
+            except WorkerError as exc:
+                entry["peak_mem_note"] = f"failed: {str(exc).splitlines()[0]}"
+    finally:
+        for name in todo:
+            try:
+                workers[name].request("release", timeout_s=120.0)
+            except WorkerError:
+                workers[name].kill()
+    record["wall_s"] = time.perf_counter() - started
+    log("    " + ", ".join(f"{n} {fmt_time(timings[n].median)}" for n in timings))
+    return record
 
 
 def memory_ratios(records: List[Dict[str, object]]) -> None:
@@ -368,7 +355,7 @@ def format_tables(records: List[Dict[str, object]], contenders: Sequence[str], d
                                                           for n in names]
                     for r in recs if any("peak_mem_bytes" in e for e in r["contenders"].values())]
         if mem_rows:
-            what = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS of a subprocess run"
+            what = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS of the contender's own process"
             text.append(f"\n   peak memory of one call beyond its inputs ({what}); (ratio) = contender / s2m_ext")
             text.append(render_table(["shape", "cells"] + titles, mem_rows))
         thr_rows = []
@@ -465,13 +452,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"load average {meta['load_average']}")
     projector = Projector()
     records = []
-    for i, cell in enumerate(cells):
-        log(f"[{i + 1}/{len(cells)}] {cell.workload} {cell.shape.label(cell.workload)} ({tag_text(cell.tags)})")
-        records.append(run_cell(cell, s, projector, peaks))  # type: ignore[arg-type]
-    calibration = None
-    if s.memory and args.device == "cpu":
-        calibration = memory.calibrate()
-        cpu_memory_phase(records, s)
+    calibration = calibrate(threads=args.threads) if s.memory and args.device == "cpu" else None
+    with Workers(args.device, args.threads) as workers:
+        for i, cell in enumerate(cells):
+            log(f"[{i + 1}/{len(cells)}] {cell.workload} {cell.shape.label(cell.workload)} ({tag_text(cell.tags)})")
+            records.append(run_cell(cell, s, projector, peaks, workers))  # type: ignore[arg-type]
     memory_ratios(records)
     targets = evaluate_targets(records)
     meta.update({

@@ -1,4 +1,4 @@
-"""Tests of the measuring machinery itself: the side-by-side timer, the peak-memory probe,
+"""Tests of the measuring machinery itself: the side-by-side timer, the worker processes, the peak-memory method,
 the agreement check, the plan, and the summary command end to end (tiny, no timing claims)."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from . import memory
 from .contenders import CHECK_RTOL, CONTENDERS, compare, validity
 from .run import main
-from .timing import Budget, side_by_side
+from .timing import Budget, local_sampler, side_by_side
+from .worker import Workers, WorkerError, calibrate
 from .workloads import NAMED_SHAPES, SWEEP_FIELDS, SWEEPS_QUICK, Shape, flops, make_problem, plan
 
 
@@ -26,34 +26,52 @@ def test_side_by_side_interleaves_and_measures_ratio() -> None:
             time.sleep(seconds)
         return call
 
-    calls = {"fast": sleeper("fast", 0.01), "slow": sleeper("slow", 0.03)}
+    samplers = {"fast": local_sampler(sleeper("fast", 0.01), "cpu"), "slow": local_sampler(sleeper("slow", 0.03), "cpu")}
     budget = Budget(seconds=0.0, min_repeats=4, max_repeats=4, min_sample_s=0.0)
-    timings = side_by_side(calls, {"fast": 0.01, "slow": 0.03}, "cpu", budget)
+    timings = side_by_side(samplers, {"fast": 0.01, "slow": 0.03}, budget)
     assert [len(t.samples) for t in timings.values()] == [4, 4]
     # Interleaved: each round times both contenders, never four of one in a row.
     assert all(set(order[i:i + 2]) == {"fast", "slow"} for i in range(0, len(order), 2))
     ratio = timings["slow"].median / timings["fast"].median
     assert 2.0 < ratio < 3.3  # 3 for exact sleeps; oversleeping by a few ms only lowers it
+    # Sleeping costs no CPU time: the CPU-time column must not count waiting.
+    assert all(c < 0.005 for t in timings.values() for c in t.cpu_samples)
 
 
-def test_memory_probe_measures_a_known_allocation() -> None:
-    result = memory.calibrate(64, timeout_s=300)
-    assert "peak_bytes" in result, result
-    # torch.ones(64 MiB) touches every page once; the probe's own bookkeeping adds < 4 MiB.
+def test_memory_method_measures_a_known_allocation() -> None:
+    result = calibrate(64)
+    # torch.ones(64 MiB) touches every page once; the method's own bookkeeping adds < 4 MiB.
     assert 64 * 2**20 <= result["peak_bytes"] <= 68 * 2**20, result
 
 
-def test_memory_probe_runs_contenders_and_orders_them() -> None:
+def test_workers_time_and_measure_contenders_in_their_own_processes() -> None:
     """The eager reference's backward keeps (B,N,K,D) tensors per iteration; s2m_ext keeps
-    the (T+1,B,K,D) trajectory: at this shape the reference must need several times more."""
+    the (T+1,B,K,D) trajectory: at this shape the reference must need several times more.
+    Each contender runs in its own process, which answers with its output and its timings."""
     shape = Shape(B=32, N=64, D=64, K=4, T=10, M=64)
-    peaks = {}
-    for name in ("s2m_ext", "reference"):
-        result = memory.probe({"workload": "fwd_bwd", "items": [{"contender": name, "shape": shape.as_dict()}]}, 300)[0]
-        assert "peak_bytes" in result, result
-        peaks[name] = result["peak_bytes"]
+    peaks, outputs = {}, {}
+    with Workers("cpu", threads=1) as workers:
+        for name in ("s2m_ext", "reference"):
+            ready = workers[name].request("prepare", ("fwd_bwd", shape.as_dict(), 0, False), timeout_s=300)
+            outputs[name] = ready["output"]
+            wall, cpu, _ = workers[name].request("time", 2, timeout_s=300)
+            assert wall > 0 and cpu > 0
+            peaks[name] = workers[name].request("memory", timeout_s=300)["peak_bytes"]
+            assert workers[name].proc.pid != os.getpid()
+        assert workers["s2m_ext"].proc.pid != workers["reference"].proc.pid
+    assert validity(CONTENDERS["reference"], outputs["s2m_ext"], outputs["reference"])[0]
     # reference: ~11 iterations x 3 saved (B,N,K,D) float32 tensors = ~69 MB; s2m_ext: < 5 MB
     assert peaks["reference"] > 30e6 and peaks["reference"] > 5 * peaks["s2m_ext"], peaks
+
+
+def test_worker_reports_errors_and_survives() -> None:
+    with Workers("cpu", threads=1) as workers:
+        with pytest.raises(WorkerError, match="unknown request"):
+            workers["s2m_ext"].request("no-such-request", timeout_s=120)
+        with pytest.raises(WorkerError, match="sklearn has no workload"):
+            workers["sklearn"].request("prepare", ("fwd_bwd", Shape(2, 4, 3, 2, 1, 4).as_dict(), 0, True), timeout_s=120)
+        ready = workers["sklearn"].request("prepare", ("forward", Shape(2, 4, 3, 2, 1, 4).as_dict(), 0, True), timeout_s=120)
+        assert set(ready["output"]) == {"log_weights", "means", "variances"}
 
 
 def test_check_catches_other_work() -> None:

@@ -20,10 +20,10 @@ from typing import List
 
 import pytest
 
-from . import memory
 from .conftest import MEDIANS, baseline_output, problem_for, record_median
 from .contenders import BASELINE, CONTENDERS, validity
 from .run import CORE_TARGETS
+from .worker import Workers
 from .workloads import NAMED_SHAPES
 
 CORE = NAMED_SHAPES["core"]
@@ -51,13 +51,12 @@ def test_core_time(benchmark, workload: str, name: str, rounds: int) -> None:
 
 @pytest.mark.slow  # ~30 s; test_harness.py checks the same ordering at a smaller shape
 def test_core_memory() -> None:
-    """Peak RSS of forward+backward (subprocess probes): reference >= 10x s2m_ext."""
+    """Peak RSS of forward+backward (each in its own worker process): reference >= 10x s2m_ext."""
     peaks = {}
-    for name in (BASELINE, "reference"):
-        spec = {"workload": "fwd_bwd", "items": [{"contender": name, "shape": CORE.as_dict()}]}
-        result = memory.probe(spec, timeout_s=600)[0]
-        assert "peak_bytes" in result, result.get("error")
-        peaks[name] = result["peak_bytes"]
+    with Workers("cpu", threads=None) as workers:
+        for name in (BASELINE, "reference"):
+            workers[name].request("prepare", ("fwd_bwd", CORE.as_dict(), 0, True), timeout_s=600)
+            peaks[name] = workers[name].request("memory", timeout_s=600)["peak_bytes"]
     ratio = peaks["reference"] / peaks[BASELINE]
     MEDIANS.setdefault("core memory", {}).update({n: float(b) for n, b in peaks.items()})
     assert ratio >= 10.0, f"fwd_bwd peak memory: reference {peaks['reference']} B / s2m_ext {peaks[BASELINE]} B = {ratio:.3g} < 10"

@@ -126,18 +126,26 @@ class Budget:
     min_sample_s: float
 
 
-def side_by_side(calls: Dict[str, Callable[[], object]], first_call_s: Dict[str, float], device: str,
-                 budget: Budget) -> Dict[str, Timing]:
-    """Time every call of ``calls`` in interleaved rounds. ``first_call_s`` (a warm call's
-    time per contender, measured by the caller) sets each one's ``number`` and repeats."""
+Sampler = Callable[[int], Tuple[float, float, float]]
+
+
+def local_sampler(call: Callable[[], object], device: str) -> Sampler:
+    """Time ``call`` in this process (see :func:`time_calls_cpu`)."""
+    return lambda number: time_calls_cpu(call, number, device)
+
+
+def side_by_side(samplers: Dict[str, Sampler], first_call_s: Dict[str, float], budget: Budget) -> Dict[str, Timing]:
+    """Time every contender in interleaved rounds. ``samplers[name](number)`` runs ``number``
+    calls and returns per-call (wall, CPU, system) seconds, here or in the contender's own
+    process; ``first_call_s`` (a warm call's time) sets each one's ``number`` and repeats."""
     timings: Dict[str, Timing] = {}
     wanted: Dict[str, int] = {}
-    for name in calls:
+    for name in samplers:
         t = max(first_call_s[name], 1e-7)
         number = max(1, min(10_000, math.ceil(budget.min_sample_s / t)))
         timings[name] = Timing(number=number)
         wanted[name] = int(min(budget.max_repeats, max(budget.min_repeats, budget.seconds // (t * number))))
-    names = list(calls)
+    names = list(samplers)
     rnd = 0
     # One full collection before, none during: after torch.compile a collection takes ~1 s
     # here, and the cyclic collector firing inside a sample would be charged to a contender.
@@ -149,7 +157,7 @@ def side_by_side(calls: Dict[str, Callable[[], object]], first_call_s: Dict[str,
             for name in order:
                 timing = timings[name]
                 if len(timing.samples) < wanted[name]:
-                    wall, cpu, system = time_calls_cpu(calls[name], timing.number, device)
+                    wall, cpu, system = samplers[name](timing.number)
                     timing.samples.append(wall)
                     timing.cpu_samples.append(cpu)
                     timing.sys_samples.append(system)

@@ -29,6 +29,10 @@ WORKLOADS: Tuple[str, ...] = ("forward", "fwd_bwd", "pool")
 #: variance floor handed to every contender (s2m_ext's default; scikit-learn's reg_covar).
 VAR_FLOOR = 1e-3
 
+#: The agreement check compares the outputs of this many sets (a seeded random subset; all
+#: sets when B is smaller), which bounds what a check copies at GPU-scale shapes.
+CHECK_SETS = 64
+
 
 @dataclass(frozen=True, order=True)
 class Shape:
@@ -133,6 +137,8 @@ class Problem:
     pool_z: Optional[Tensor] = None
     pool_model: Optional[Tuple[Tensor, Tensor, Tensor]] = None
     var_floor: float = VAR_FLOOR
+    #: (<= CHECK_SETS,) sorted indices of the sets whose outputs are compared between contenders
+    check_sets: Optional[Tensor] = None
 
 
 def make_problem(
@@ -164,6 +170,9 @@ def make_problem(
     init = tuple(t.contiguous() for t in init)
     cot = tuple(torch.randn(t.shape, generator=gen, dtype=dtype).to(device) for t in init)
     problem = Problem(shape, device, dtype, x, weights, init, cot)
+    # Its own generator: the inputs above do not depend on how many sets are checked.
+    pick = torch.randperm(B, generator=torch.Generator().manual_seed(seed + 1))[:CHECK_SETS]
+    problem.check_sets = pick.sort().values
     if workload == "pool":
         with torch.no_grad():
             fitted = s2m_ext.fit_gmm(
