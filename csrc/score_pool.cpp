@@ -34,15 +34,6 @@ struct PoolTerms {
   at::Tensor c;        // (BK)
 };
 
-MixtureSizes check_pool(const at::Tensor& z, const at::Tensor& lw, const at::Tensor& mu,
-                        const at::Tensor& var) {
-  const MixtureSizes m = check_mixture(lw, mu, var);
-  check_dim(z, "z", 2, "(M, D)");
-  check_like(z, "z", mu, "means");
-  check_size(z, "z", 1, m.dims, "the dimension D of the mixtures");
-  return m;
-}
-
 PoolTerms pool_terms(const at::Tensor& lw, const at::Tensor& mu, const at::Tensor& var,
                      const MixtureSizes& m) {
   const int64_t BK = m.batch * m.components, D = m.dims;
@@ -72,7 +63,7 @@ at::Tensor chunk_log_densities(const at::Tensor& zc, const PoolTerms& t) {
 
 at::Tensor score_pool(const at::Tensor& z, const at::Tensor& lw, const at::Tensor& mu,
                       const at::Tensor& var) {
-  const MixtureSizes m = check_pool(z, lw, mu, var);
+  const MixtureSizes m = check_pool_args(z, lw, mu, var);
   const int64_t M = z.size(0), B = m.batch, K = m.components;
   auto out = at::empty({B, M}, z.options());
   if (M == 0 || B == 0) return out;
@@ -90,12 +81,9 @@ at::Tensor score_pool(const at::Tensor& z, const at::Tensor& lw, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_pool_backward(
     const at::Tensor& grad_in, const at::Tensor& z_in, const at::Tensor& lw_in,
     const at::Tensor& mu_in, const at::Tensor& var_in) {
-  const MixtureSizes m = check_pool(z_in, lw_in, mu_in, var_in);
+  const MixtureSizes m = check_pool_args(z_in, lw_in, mu_in, var_in);
   const int64_t M = z_in.size(0), B = m.batch, K = m.components, D = m.dims, BK = B * K;
-  check_dim(grad_in, "grad", 2, "(B, M)");
-  check_like(grad_in, "grad", z_in, "z");
-  TORCH_CHECK_VALUE(grad_in.size(0) == B && grad_in.size(1) == M, "grad must have shape (B, M) = (",
-                    B, ", ", M, "), got ", grad_in.sizes());
+  check_score_grad(grad_in, z_in, B, M, "(B, M)");
   const auto work = at::kDouble;  // reduced precisions are backpropagated in float64 (see above)
   const auto grad = grad_in.to(work), z = z_in.to(work), lw = lw_in.to(work), mu = mu_in.to(work),
              var = var_in.to(work);

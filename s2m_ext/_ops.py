@@ -15,16 +15,24 @@ ops = torch.ops.s2m
 
 
 # ----------------------------------------------------------------------------- fake kernels
+def fit_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of em_fit's trajectory and log-likelihood: float16/bfloat16 inputs (CUDA) are
+    computed in float32 and their trajectory kept in float32, so that the backward recomputes
+    exactly what the forward used."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 @torch.library.register_fake("s2m::em_fit")
 def _em_fit_fake(x, weights, log_weights, means, variances, n_iter, var_floor, tol, keep_trajectory):
     batch, _, dims = x.shape
     k = means.shape[1]
     steps = n_iter + 1 if keep_trajectory else 1
+    dtype = fit_dtype(x.dtype)
     return (
-        x.new_empty(steps, batch, k),
-        x.new_empty(steps, batch, k, dims),
-        x.new_empty(steps, batch, k, dims),
-        x.new_empty(batch),
+        x.new_empty(steps, batch, k, dtype=dtype),
+        x.new_empty(steps, batch, k, dims, dtype=dtype),
+        x.new_empty(steps, batch, k, dims, dtype=dtype),
+        x.new_empty(batch, dtype=dtype),
         x.new_empty(batch, dtype=torch.long),
         x.new_empty(batch, dtype=torch.bool),
     )
@@ -32,12 +40,13 @@ def _em_fit_fake(x, weights, log_weights, means, variances, n_iter, var_floor, t
 
 @torch.library.register_fake("s2m::em_fit_backward")
 def _em_fit_backward_fake(g_lw, g_mu, g_var, x, weights, lw_traj, mu_traj, var_traj, n_iter_used, var_floor):
+    # Gradients come in the dtypes of the inputs they belong to (the initial parameters have x's).
     return (
         torch.empty_like(x),
         torch.empty_like(weights),
-        lw_traj.new_empty(lw_traj.shape[1:]),
-        mu_traj.new_empty(mu_traj.shape[1:]),
-        var_traj.new_empty(var_traj.shape[1:]),
+        x.new_empty(lw_traj.shape[1:]),
+        x.new_empty(mu_traj.shape[1:]),
+        x.new_empty(var_traj.shape[1:]),
     )
 
 

@@ -286,7 +286,8 @@ def fit_gmm(
     lw, mu, var, loglik, used, converged = ops.em_fit(
         x, weights, *init_params, cfg["n_iter"], cfg["var_floor"], cfg["tol"], keep_trajectory
     )
-    gmm = DiagGMM._from_fit(lw[-1], mu[-1], var[-1], loglik, used, converged)
+    # float16/bfloat16 are fitted in float32 (see _ops.fit_dtype); the parameters come back in x.dtype.
+    gmm = DiagGMM._from_fit(lw[-1].to(x.dtype), mu[-1].to(x.dtype), var[-1].to(x.dtype), loglik, used, converged)
     if cfg["tol"] > 0 and V.value_checks_enabled():
         stalled = int((~converged).sum())
         if stalled:

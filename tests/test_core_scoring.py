@@ -21,35 +21,26 @@ def random_mixture(B, D, K, dtype, device, *, offset=0.0, spread=1.0, var_scale=
     return DiagGMM(*(t.to(dtype=dtype, device=device) for t in (log_weights, means, variances)))
 
 
+#: op name -> (query shape for B sets of dimension D, reference function)
+SCORERS = {
+    "score_paired": (lambda B, Q, D: (B, Q, D), reference.log_prob),
+    "score_pool": (lambda B, M, D: (M, D), reference.log_prob_pool),
+}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,Q,D,K", SCORE_SHAPES)
-def test_paired_scores_and_gradients(B, Q, D, K, dtype, device):
+@pytest.mark.parametrize("op", sorted(SCORERS))
+def test_scores_and_gradients(op, B, Q, D, K, dtype, device):
+    query_shape, ref_fn = SCORERS[op]
     gmm = random_mixture(B, D, K, dtype, device)
-    z = torch.randn(B, Q, D, dtype=dtype, device=device)
+    z = torch.randn(*query_shape(B, Q, D), dtype=dtype, device=device)
     leaves = [t.clone().requires_grad_() for t in (z, *gmm.params())]
-    out = s2m_ext.ops.score_paired(*leaves)
+    out = getattr(s2m_ext.ops, op)(*leaves)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = reference.log_prob(*ref_leaves)
+    ref = ref_fn(*ref_leaves)
     assert out.shape == (B, Q) and out.dtype == dtype
-    assert_rel(out, ref, RTOL[dtype], "log p")
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, g)
-    ref_grads = torch.autograd.grad(ref, ref_leaves, g.double())
-    assert_grads_rel(grads, ref_grads, RTOL[dtype], ("z", "log_weights", "means", "variances"))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,M,D,K", SCORE_SHAPES)
-def test_pool_scores_and_gradients(B, M, D, K, dtype, device):
-    gmm = random_mixture(B, D, K, dtype, device)
-    z = torch.randn(M, D, dtype=dtype, device=device)
-    leaves = [t.clone().requires_grad_() for t in (z, *gmm.params())]
-    out = s2m_ext.ops.score_pool(*leaves)
-    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = reference.log_prob_pool(*ref_leaves)
-    assert out.shape == (B, M) and out.dtype == dtype
     assert_rel(out, ref, RTOL[dtype], "log p")
     g = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves, g)

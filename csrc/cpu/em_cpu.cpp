@@ -11,11 +11,6 @@ namespace s2m {
 namespace cpu {
 namespace {
 
-void check_cpu_dtype(const at::Tensor& x) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "x must be float32 or float64 on the CPU, got ", x.scalar_type());
-}
-
 template <typename P>
 Trajectory<P> set_trajectory(P* lw, P* mu, P* var, int64_t b, int64_t steps, int64_t B, int64_t K,
                              int64_t D) {
@@ -26,12 +21,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& lw_in,
     const at::Tensor& mu_in, const at::Tensor& var_in, int64_t n_iter, double var_floor,
     double tol, bool keep_trajectory) {
-  const MixtureSizes m = check_mixture(lw_in, mu_in, var_in);
-  check_points(x_in, w_in, m, mu_in);
-  check_cpu_dtype(x_in);
-  TORCH_CHECK_VALUE(n_iter >= 0, "n_iter must be >= 0, got ", n_iter);
-  check_nonnegative(var_floor, "var_floor");
-  check_nonnegative(tol, "tol");
+  const MixtureSizes m = check_em_fit_args(x_in, w_in, lw_in, mu_in, var_in, n_iter, var_floor,
+                                           tol, Backend::kCPU);
 
   const auto x = x_in.contiguous(), w = w_in.contiguous();
   const auto lw0 = lw_in.contiguous(), mu0 = mu_in.contiguous(), var0 = var_in.contiguous();
@@ -75,19 +66,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_fit_ba
     const c10::optional<at::Tensor>& g_var_in, const at::Tensor& x_in, const at::Tensor& w_in,
     const at::Tensor& lw_traj_in, const at::Tensor& mu_traj_in, const at::Tensor& var_traj_in,
     const at::Tensor& n_iter_used, double var_floor) {
-  const int64_t steps = check_trajectory(lw_traj_in, mu_traj_in, var_traj_in);
-  const MixtureSizes m =
-      check_mixture(lw_traj_in.select(0, 0), mu_traj_in.select(0, 0), var_traj_in.select(0, 0));
-  check_points(x_in, w_in, m, mu_traj_in);
-  check_cpu_dtype(x_in);
-  check_optional_like(g_lw_in, "grad_log_weights", lw_traj_in, "log_weights_traj");
-  check_optional_like(g_mu_in, "grad_means", mu_traj_in, "means_traj");
-  check_optional_like(g_var_in, "grad_variances", var_traj_in, "variances_traj");
-  TORCH_CHECK_VALUE(n_iter_used.dim() == 1 && n_iter_used.size(0) == m.batch &&
-                        n_iter_used.scalar_type() == at::kLong,
-                    "n_iter_used must be an int64 tensor of shape (B,) = (", m.batch, "), got ",
-                    n_iter_used.scalar_type(), " of shape ", n_iter_used.sizes());
-  check_nonnegative(var_floor, "var_floor");
+  const TrajectorySizes sizes =
+      check_em_fit_backward_args(g_lw_in, g_mu_in, g_var_in, x_in, w_in, lw_traj_in, mu_traj_in,
+                                 var_traj_in, n_iter_used, var_floor, Backend::kCPU);
+  const int64_t steps = sizes.steps;
+  const MixtureSizes& m = sizes.mixture;
   const auto used = n_iter_used.contiguous();
   const int64_t* usedp = used.data_ptr<int64_t>();
   for (int64_t b = 0; b < m.batch; ++b) {

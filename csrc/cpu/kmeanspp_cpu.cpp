@@ -56,21 +56,7 @@ void seed_set(const T* x, const T* w, const double* u, int64_t N, int64_t D, int
 }
 
 at::Tensor kmeanspp_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& u_in) {
-  check_dim(x_in, "x", 3, "(B, N, D)");
-  check_floating(x_in, "x");
-  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
-                   "x must be float32 or float64 on the CPU, got ", x_in.scalar_type());
-  check_dim(w_in, "weights", 2, "(B, N)");
-  check_like(w_in, "weights", x_in, "x");
-  check_size(w_in, "weights", 0, x_in.size(0), "x.shape[0]");
-  check_size(w_in, "weights", 1, x_in.size(1), "x.shape[1]");
-  check_dim(u_in, "uniforms", 2, "(B, K)");
-  TORCH_CHECK_TYPE(u_in.scalar_type() == at::kDouble, "uniforms must be float64, got ",
-                   u_in.scalar_type());
-  TORCH_CHECK_VALUE(u_in.device() == x_in.device(), "uniforms must be on the device of x");
-  check_size(u_in, "uniforms", 0, x_in.size(0), "x.shape[0]");
-  TORCH_CHECK_VALUE(u_in.size(1) >= 1, "uniforms must have K >= 1 columns");
-  TORCH_CHECK_VALUE(x_in.size(1) >= 1, "x must hold at least one point per set (N >= 1)");
+  check_kmeanspp_args(x_in, w_in, u_in, Backend::kCPU);
   const auto x = x_in.contiguous(), w = w_in.contiguous(), u = u_in.contiguous();
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), K = u.size(1);
   auto idx = at::empty({B, K}, x.options().dtype(at::kLong));

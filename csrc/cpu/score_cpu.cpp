@@ -12,21 +12,9 @@ namespace s2m {
 namespace cpu {
 namespace {
 
-MixtureSizes check_paired(const at::Tensor& z, const at::Tensor& lw, const at::Tensor& mu,
-                          const at::Tensor& var) {
-  const MixtureSizes m = check_mixture(lw, mu, var);
-  check_dim(z, "z", 3, "(B, Q, D)");
-  check_like(z, "z", mu, "means");
-  check_size(z, "z", 0, m.batch, "the batch size B of the mixture");
-  check_size(z, "z", 2, m.dims, "the dimension D of the mixture");
-  TORCH_CHECK_TYPE(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble,
-                   "z must be float32 or float64 on the CPU, got ", z.scalar_type());
-  return m;
-}
-
 at::Tensor score_paired_cpu(const at::Tensor& z_in, const at::Tensor& lw_in, const at::Tensor& mu_in,
                             const at::Tensor& var_in) {
-  const MixtureSizes m = check_paired(z_in, lw_in, mu_in, var_in);
+  const MixtureSizes m = check_paired_args(z_in, lw_in, mu_in, var_in, Backend::kCPU);
   const auto z = z_in.contiguous(), lw = lw_in.contiguous(), mu = mu_in.contiguous(),
              var = var_in.contiguous();
   const int64_t B = m.batch, K = m.components, D = m.dims, Q = z.size(1);
@@ -66,12 +54,8 @@ at::Tensor score_paired_cpu(const at::Tensor& z_in, const at::Tensor& lw_in, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_paired_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& z_in, const at::Tensor& lw_in,
     const at::Tensor& mu_in, const at::Tensor& var_in) {
-  const MixtureSizes m = check_paired(z_in, lw_in, mu_in, var_in);
-  check_dim(grad_in, "grad", 2, "(B, Q)");
-  check_like(grad_in, "grad", z_in, "z");
-  TORCH_CHECK_VALUE(grad_in.size(0) == m.batch && grad_in.size(1) == z_in.size(1),
-                    "grad must have shape (B, Q) = (", m.batch, ", ", z_in.size(1), "), got ",
-                    grad_in.sizes());
+  const MixtureSizes m = check_paired_args(z_in, lw_in, mu_in, var_in, Backend::kCPU);
+  check_score_grad(grad_in, z_in, m.batch, z_in.size(1), "(B, Q)");
   const auto grad = grad_in.contiguous(), z = z_in.contiguous(), lw = lw_in.contiguous(),
              mu = mu_in.contiguous(), var = var_in.contiguous();
   const int64_t B = m.batch, K = m.components, D = m.dims, Q = z.size(1);

@@ -1,0 +1,26 @@
+// Batched k-means++ (D^2) seeding on the GPU: the torch-free interface of kmeanspp_kernels.cu.
+// Same rule as csrc/cpu/kmeanspp_cpu.cpp: the first index drawn with probability proportional
+// to the weight, each next one proportional to weight x squared distance to the nearest chosen
+// point (by weight again when all of those are 0), by inverse-CDF sampling with one given
+// uniform per draw. The randomness comes in as uniforms, so the kernel is a pure function of
+// its inputs: deterministic for a given generator.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/cuda_compat.cuh"
+
+namespace s2m {
+namespace cuda {
+
+template <typename T>
+size_t kmeanspp_workspace_bytes(int64_t B, int64_t N);
+
+// x (B,N,D), w (B,N), uniforms (B,K) in [0,1) -> idx (B,K) int64. One block per set.
+template <typename T>
+cudaError_t kmeanspp(const T* x, const T* w, const double* uniforms, int64_t B, int64_t N,
+                     int64_t D, int64_t K, int64_t* idx, void* workspace, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace s2m
