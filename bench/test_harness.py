@@ -1,5 +1,6 @@
-"""Tests of the measuring machinery itself: the side-by-side timer, the worker processes, the peak-memory method,
-the agreement check, the plan, and the summary command end to end (tiny, no timing claims)."""
+"""Tests of the measuring machinery itself: the side-by-side timer, the worker processes,
+the peak-memory method, the agreement check, the plan, and the summary command end to end
+(tiny, no timing claims)."""
 
 from __future__ import annotations
 

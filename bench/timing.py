@@ -22,11 +22,9 @@ import torch
 def release_free_heap() -> None:
     """Return the heap's free pages to the kernel (glibc ``malloc_trim``; a no-op elsewhere).
 
-    Called before every timed sample so that no contender runs on resident pages that another
-    one freed: with glibc, eager PyTorch's large temporaries come from fresh pages (page faults)
-    in a process that runs only it, but are served from such leftovers after, e.g., the torch
-    loop's many small tensors (measured: the reference's fwd_bwd at the core shape 3.2 s of
-    CPU time fresh, 0.8 s after a torch-loop call)."""
+    Used before a peak-memory measurement, and between cells: a call must not hide in pages
+    that are resident but free. (Timed samples run on the heap as the contender's own
+    earlier calls left it, as in a user's loop; each contender has a process of its own.)"""
     try:
         _LIBC.malloc_trim(0)
     except AttributeError:
@@ -60,7 +58,6 @@ def time_calls_cpu(call: Callable[[], object], number: int, device: str) -> Tupl
     the machine: on a shared CPU it is far less sensitive to other processes' load than the
     wall-clock time. System time is mostly page faults: eager PyTorch's large temporaries
     are fresh mmapped pages that the kernel zeroes on first touch."""
-    release_free_heap()
     synchronize(device)
     start, start_cpu, t0 = time.perf_counter(), time.process_time(), os.times()
     for _ in range(number):
