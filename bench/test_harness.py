@@ -1,0 +1,149 @@
+"""Tests of the measuring machinery itself: the side-by-side timer, the worker processes,
+the peak-memory method, the agreement check, the plan, and the summary command end to end
+(tiny, no timing claims)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from .contenders import CHECK_RTOL, CONTENDERS, compare, validity
+from .run import main
+from .timing import Budget, local_sampler, side_by_side
+from .worker import Workers, WorkerError, calibrate
+from .workloads import NAMED_SHAPES, SWEEP_FIELDS, SWEEPS_QUICK, Shape, flops, make_problem, plan
+
+
+def test_side_by_side_interleaves_and_measures_ratio() -> None:
+    order = []
+
+    def sleeper(name: str, seconds: float):
+        def call():
+            order.append(name)
+            time.sleep(seconds)
+        return call
+
+    samplers = {"fast": local_sampler(sleeper("fast", 0.01), "cpu"), "slow": local_sampler(sleeper("slow", 0.03), "cpu")}
+    budget = Budget(seconds=0.0, min_repeats=4, max_repeats=4, min_sample_s=0.0)
+    timings = side_by_side(samplers, {"fast": 0.01, "slow": 0.03}, budget)
+    assert [len(t.samples) for t in timings.values()] == [4, 4]
+    # Interleaved: each round times both contenders, never four of one in a row.
+    assert all(set(order[i:i + 2]) == {"fast", "slow"} for i in range(0, len(order), 2))
+    ratio = timings["slow"].median / timings["fast"].median
+    assert 2.0 < ratio < 3.3  # 3 for exact sleeps; oversleeping by a few ms only lowers it
+    # Sleeping costs no CPU time: the CPU-time column must not count waiting.
+    assert all(c < 0.005 for t in timings.values() for c in t.cpu_samples)
+
+
+def test_memory_method_measures_a_known_allocation() -> None:
+    result = calibrate(64)
+    # torch.ones(64 MiB) touches every page once; the method's own bookkeeping adds < 4 MiB.
+    assert 64 * 2**20 <= result["peak_bytes"] <= 68 * 2**20, result
+
+
+def test_workers_time_and_measure_contenders_in_their_own_processes() -> None:
+    """The eager reference's backward keeps (B,N,K,D) tensors per iteration; s2m_ext keeps
+    the (T+1,B,K,D) trajectory: at this shape the reference must need several times more.
+    Each contender runs in its own process, which answers with its output and its timings."""
+    shape = Shape(B=32, N=64, D=64, K=4, T=10, M=64)
+    peaks, outputs = {}, {}
+    with Workers("cpu", threads=1) as workers:
+        for name in ("s2m_ext", "reference"):
+            ready = workers[name].request("prepare", ("fwd_bwd", shape.as_dict(), 0, False), timeout_s=300)
+            outputs[name] = ready["output"]
+            wall, cpu, _ = workers[name].request("time", 2, timeout_s=300)
+            assert wall > 0 and cpu > 0
+            peaks[name] = workers[name].request("memory", timeout_s=300)["peak_bytes"]
+            assert workers[name].proc.pid != os.getpid()
+        assert workers["s2m_ext"].proc.pid != workers["reference"].proc.pid
+    assert validity(CONTENDERS["reference"], outputs["s2m_ext"], outputs["reference"])[0]
+    # reference: ~11 iterations x 3 saved (B,N,K,D) float32 tensors = ~69 MB; s2m_ext: < 5 MB
+    assert peaks["reference"] > 30e6 and peaks["reference"] > 5 * peaks["s2m_ext"], peaks
+
+
+def test_worker_reports_errors_and_survives() -> None:
+    with Workers("cpu", threads=1) as workers:
+        with pytest.raises(WorkerError, match="unknown request"):
+            workers["s2m_ext"].request("no-such-request", timeout_s=120)
+        with pytest.raises(WorkerError, match="sklearn has no workload"):
+            workers["sklearn"].request("prepare", ("fwd_bwd", Shape(2, 4, 3, 2, 1, 4).as_dict(), 0, True), timeout_s=120)
+        ready = workers["sklearn"].request("prepare", ("forward", Shape(2, 4, 3, 2, 1, 4).as_dict(), 0, True), timeout_s=120)
+        assert set(ready["output"]) == {"log_weights", "means", "variances"}
+
+
+def test_check_catches_other_work() -> None:
+    """The agreement check passes the same fit and flags a fit with one iteration less."""
+    shape = Shape(B=16, N=64, D=32, K=4, T=3, M=64)
+    problem = make_problem(shape, "forward")
+    s2m = CONTENDERS["s2m_ext"].prepare(problem, "forward")
+    expected = s2m.extract(s2m.call())
+    same = CONTENDERS["reference"].prepare(problem, "forward")
+    assert validity(CONTENDERS["reference"], expected, same.extract(same.call()))[0]
+    fewer = make_problem(shape.replace(T=2), "forward")
+    short = CONTENDERS["reference"].prepare(fewer, "forward")
+    ok, note, err = validity(CONTENDERS["reference"], expected, short.extract(short.call()))
+    assert not ok and err > CHECK_RTOL and "differs" in note
+    nan = {k: torch.full_like(v, float("nan")) for k, v in expected.items()}
+    assert not validity(CONTENDERS["reference"], expected, nan)[0]
+    assert compare(expected, {"means": expected["means"][:1]}) == float("inf")
+
+
+def test_plan_covers_every_sweep_once_in_flop_order() -> None:
+    cells = plan("cpu", quick=True)
+    for workload, fields in SWEEP_FIELDS.items():
+        mine = [c for c in cells if c.workload == workload]
+        keys = [c.shape.key(workload) for c in mine]
+        assert len(keys) == len(set(keys)), "a shape is measured twice"
+        assert [flops(workload, c.shape) for c in mine] == sorted(flops(workload, c.shape) for c in mine)
+        for field in fields:
+            swept = sorted(getattr(c.shape, field) for c in mine if f"sweep:{field}" in c.tags)
+            assert swept == sorted(SWEEPS_QUICK["cpu"][field]), (workload, field)
+        for name in ("paper", "core", "large"):
+            assert any(name in c.tags for c in mine)
+
+
+def test_summary_command_end_to_end(tmp_path, capsys) -> None:
+    """A tiny run of `python -m bench`: the table has every contender, the JSON the metadata
+    the issue asks for, ratios relative to s2m_ext, and a stated reason for every skip."""
+    argv = ["--smoke", "--shapes", "paper", "--no-sweeps", "--no-memory", "--out", str(tmp_path),
+            "--contenders", "s2m_ext,reference,sklearn,torch_loop,gmm_gpu"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for title in ("s2m_ext", "reference", "sklearn loop", "torch loop", "gmm-gpu"):
+        assert title in printed
+    (path,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    assert path.startswith("cpu-")
+    data = json.load(open(tmp_path / path))
+    meta = data["meta"]
+    for key in ("device_name", "cpu_model", "torch", "torch_cuda", "git", "load_average", "date"):
+        assert key in meta
+    assert meta["git"]["commit"]
+    assert {c["workload"] for c in data["cells"]} == {"forward", "fwd_bwd", "pool"}
+    for cell in data["cells"]:
+        entries = cell["contenders"]
+        assert entries["s2m_ext"]["median_s"] > 0
+        assert "skipped" in entries["gmm_gpu"] and "CUDA" in entries["gmm_gpu"]["skipped"]
+        ref = entries["reference"]
+        assert ref["check"]["ok"], ref["check"]
+        assert ref["ratio_to_s2m_ext"] == pytest.approx(ref["median_s"] / entries["s2m_ext"]["median_s"])
+    fwd_bwd = next(c for c in data["cells"] if c["workload"] == "fwd_bwd")
+    assert "forward-only" in fwd_bwd["contenders"]["sklearn"]["skipped"]
+
+
+def test_plots_are_written(tmp_path) -> None:
+    from .plots import plot_sweeps
+
+    base = NAMED_SHAPES["core"]
+    records = []
+    for b in (16, 256, 1024):
+        shape = base.replace(B=b)
+        records.append({"workload": "forward", "shape": shape.as_dict(), "tags": ["sweep:B"], "contenders": {
+            "s2m_ext": {"median_s": 1e-4 * b, "peak_mem_bytes": 1e4 * b},
+            "reference": {"median_s": 1e-2 * b}}})
+    paths = plot_sweeps(records, ["s2m_ext", "reference"], str(tmp_path / "cpu-test"), "cpu")
+    assert [os.path.basename(p) for p in paths] == ["cpu-test-forward.png"]
+    assert 5_000 < os.path.getsize(paths[0]) < 200_000

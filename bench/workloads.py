@@ -1,0 +1,277 @@
+"""Workloads of the benchmark suite: shapes, the inputs every contender shares, and the FLOP
+and byte models used to turn times into throughput (formulas explained in bench/NOTES.md).
+
+Three workloads:
+
+* ``forward``  T EM iterations from given initial parameters (plus the final E-step that
+  gives the log-likelihood of the fitted model), no gradient;
+* ``fwd_bwd``  the same under autograd, then the gradient of a fixed random linear function of
+  the fitted (log_weights, means, variances) with respect to the points x;
+* ``pool``     log-density of every item of a shared pool z (M, D) under every one of the B
+  fitted mixtures -> (B, M) (retrieval scoring), no gradient.
+
+Every contender gets the same tensors (same seed), float32, all point weights 1 (scikit-learn
+has no point weights), and the same initial parameters: one batched k-means++ draw made
+before timing starts, so initialisation is never part of a timed call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+WORKLOADS: Tuple[str, ...] = ("forward", "fwd_bwd", "pool")
+
+#: variance floor handed to every contender (s2m_ext's default; scikit-learn's reg_covar).
+VAR_FLOOR = 1e-3
+
+#: The agreement check compares the outputs of this many sets (a seeded random subset; all
+#: sets when B is smaller), which bounds what a check copies at GPU-scale shapes.
+CHECK_SETS = 64
+
+
+@dataclass(frozen=True, order=True)
+class Shape:
+    """B sets of N points in D dimensions, K components, T EM iterations, M pool items.
+
+    M only matters for the ``pool`` workload and T only for ``forward``/``fwd_bwd``."""
+
+    B: int
+    N: int
+    D: int
+    K: int
+    T: int = 10
+    M: int = 1024
+
+    def label(self, workload: str) -> str:
+        if workload == "pool":
+            return f"B{self.B} M{self.M} D{self.D} K{self.K}"
+        return f"B{self.B} N{self.N} D{self.D} K{self.K} T{self.T}"
+
+    def key(self, workload: str) -> Tuple[int, ...]:
+        """The fields that define the work of ``workload`` (used to de-duplicate cells)."""
+        if workload == "pool":
+            return (self.B, self.M, self.D, self.K)
+        return (self.B, self.N, self.D, self.K, self.T)
+
+    def replace(self, **fields: int) -> "Shape":
+        return dataclasses.replace(self, **fields)
+
+    def as_dict(self) -> Dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+#: Named shapes. "paper": the Set2Model paper's Omniglot training batch (5 tuples, concept sets
+#: of 10 images, 100-d descriptors, GMM2; a pool of 5 x 20 relevant+irrelevant items).
+#: "core": the shape of the issue-2 speed targets. "medium" and "large": the issue's scale
+#: ladder (large is GPU scale: on the CPU only s2m_ext runs it, and only without --quick).
+NAMED_SHAPES: Dict[str, Shape] = {
+    "paper": Shape(B=5, N=10, D=100, K=2, T=10, M=100),
+    "core": Shape(B=256, N=64, D=128, K=4, T=10, M=1024),
+    "medium": Shape(B=1024, N=64, D=128, K=4, T=10, M=1024),
+    "large": Shape(B=16384, N=256, D=256, K=8, T=10, M=16384),
+}
+
+#: The base each sweep varies one field of: "core" on the CPU, "medium" on a GPU.
+SWEEP_BASE = {"cpu": "core", "cuda": "medium"}
+
+#: Sweep values per field. Quick sweeps keep three points per axis (enough to read a slope on
+#: a log-log plot); full sweeps go further where the device can afford it.
+SWEEPS_FULL: Dict[str, Dict[str, List[int]]] = {
+    "cpu": {
+        "B": [16, 64, 256, 1024, 4096],
+        "N": [16, 32, 64, 128, 256],
+        "D": [16, 32, 64, 128, 256],
+        "K": [1, 2, 4, 8, 16],
+        "T": [1, 3, 10, 30],
+        "M": [128, 512, 1024, 4096, 16384],
+    },
+    "cuda": {
+        "B": [64, 256, 1024, 4096, 16384],
+        "N": [16, 32, 64, 128, 256],
+        "D": [16, 32, 64, 128, 256],
+        "K": [1, 2, 4, 8, 16],
+        "T": [1, 3, 10, 30],
+        "M": [1024, 4096, 16384, 65536],
+    },
+}
+SWEEPS_QUICK: Dict[str, Dict[str, List[int]]] = {
+    "cpu": {"B": [16, 256, 1024], "N": [16, 64, 256], "D": [32, 128, 256], "K": [1, 4, 16], "T": [1, 10, 30],
+            "M": [256, 1024, 4096]},
+    "cuda": {"B": [256, 1024, 16384], "N": [16, 64, 256], "D": [32, 128, 256], "K": [1, 4, 16], "T": [1, 10, 30],
+             "M": [1024, 16384, 65536]},
+}
+
+#: The fields each workload is swept over (T does not change pool scoring; N does not either:
+#: the pool's size is M).
+SWEEP_FIELDS: Dict[str, Tuple[str, ...]] = {
+    "forward": ("B", "N", "D", "K", "T"),
+    "fwd_bwd": ("B", "N", "D", "K", "T"),
+    "pool": ("B", "M", "D", "K"),
+}
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclass
+class Problem:
+    """The inputs of one shape, shared by every contender.
+
+    x (B,N,D); weights (B,N) all ones; init = (log_weights (B,K), means (B,K,D),
+    variances (B,K,D)) from one k-means++ draw; cotangents = fixed random (B,K), (B,K,D),
+    (B,K,D) tensors: ``fwd_bwd`` differentiates sum(cot_lw*lw) + sum(cot_mu*mu) +
+    sum(cot_var*var) of the fitted parameters; pool = z (M,D) and the fitted model
+    (log_weights, means, variances) that scores it.
+    """
+
+    shape: Shape
+    device: torch.device
+    dtype: torch.dtype
+    x: Tensor
+    weights: Tensor
+    init: Tuple[Tensor, Tensor, Tensor]
+    cotangents: Tuple[Tensor, Tensor, Tensor]
+    pool_z: Optional[Tensor] = None
+    pool_model: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+    var_floor: float = VAR_FLOOR
+    #: (<= CHECK_SETS,) sorted indices of the sets whose outputs are compared between contenders
+    check_sets: Optional[Tensor] = None
+
+
+def make_problem(
+    shape: Shape,
+    workload: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Problem:
+    """Seeded inputs for ``workload`` at ``shape``.
+
+    Points are drawn from K well-separated clusters per set (centres N(0, 0.5^2 I), unit
+    noise), like descriptors of a polysemous concept, so that EM is well conditioned and
+    float32 contenders agree with each other to rounding (which the suite checks)."""
+    import s2m_ext
+    from s2m_ext.gmm import _kmeanspp_init
+
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    B, N, D, K = shape.B, shape.N, shape.D, shape.K
+    # Drawn on the CPU in the target dtype (no float64 copy of GPU-scale inputs), then moved.
+    centres = 0.5 * torch.randn(B, K, D, generator=gen, dtype=dtype)
+    labels = torch.randint(0, K, (B, N), generator=gen)
+    x_cpu = torch.gather(centres, 1, labels.unsqueeze(-1).expand(B, N, D))
+    x_cpu += torch.randn(B, N, D, generator=gen, dtype=dtype)
+    x = x_cpu.to(device).contiguous()
+    weights = torch.ones(B, N, device=device, dtype=dtype)
+    init = _kmeanspp_init(x, weights, K, VAR_FLOOR, gen, s2m_ext.ops.kmeanspp)
+    init = tuple(t.contiguous() for t in init)
+    cot = tuple(torch.randn(t.shape, generator=gen, dtype=dtype).to(device) for t in init)
+    problem = Problem(shape, device, dtype, x, weights, init, cot)
+    # Its own generator: the inputs above do not depend on how many sets are checked.
+    pick = torch.randperm(B, generator=torch.Generator().manual_seed(seed + 1))[:CHECK_SETS]
+    problem.check_sets = pick.sort().values
+    if workload == "pool":
+        with torch.no_grad():
+            fitted = s2m_ext.fit_gmm(
+                x, weights, init=s2m_ext.DiagGMM(*init), n_iter=shape.T, var_floor=VAR_FLOOR
+            )
+        problem.pool_model = tuple(t.contiguous() for t in fitted.params())
+        # Pool items: points of random sets plus noise, so that scores are in a realistic range.
+        src = x_cpu.reshape(B * N, D)[torch.randint(0, B * N, (shape.M,), generator=gen)]
+        z = src + 0.5 * torch.randn(shape.M, D, generator=gen, dtype=dtype)
+        problem.pool_z = z.to(device).contiguous()
+        # x, init and cotangents are not needed to score: drop them to keep memory honest.
+        problem.x = x.new_empty(0, N, D)  # (a view would keep x's storage alive)
+        problem.weights = weights.new_empty(0, N)
+        problem.cotangents = ()
+    return problem
+
+
+# ----------------------------------------------------------------------------- work models
+#: FLOPs per (point, component, dimension) of each step (see bench/NOTES.md for the count).
+FLOPS_E_STEP = 4  # diff, square, scale by 1/v, accumulate
+FLOPS_M_STEP = 6  # mean: scale, accumulate; centred variance: diff, square, scale, accumulate
+FLOPS_BACKWARD_ITER = 24  # recomputed E-step (4) + reverse of the M-step (10) and E-step (10)
+FLOPS_POOL = 4  # per (pool item, set, component, dimension): the same quadratic form
+
+
+def flops(workload: str, s: Shape) -> float:
+    """Model FLOP count of one call of ``workload`` at ``s`` (lower-order terms dropped)."""
+    nkd = float(s.B) * s.N * s.K * s.D
+    forward = (s.T * (FLOPS_E_STEP + FLOPS_M_STEP) + FLOPS_E_STEP) * nkd
+    if workload == "forward":
+        return forward
+    if workload == "fwd_bwd":
+        return forward + s.T * FLOPS_BACKWARD_ITER * nkd
+    if workload == "pool":
+        return FLOPS_POOL * float(s.B) * s.M * s.K * s.D
+    raise ValueError(f"unknown workload {workload!r}")
+
+
+def compulsory_bytes(workload: str, s: Shape, itemsize: int = 4) -> float:
+    """Bytes a call must move at least (each input read once, each output written once).
+
+    A lower bound on DRAM traffic: a kernel that re-reads x every iteration moves more, so the
+    bandwidth share computed from it is a lower bound as well."""
+    params = s.B * s.K * (2 * s.D + 1)  # log_weights, means, variances of one step
+    points = s.B * s.N * (s.D + 1)  # x and weights
+    if workload == "forward":
+        return itemsize * (points + 2 * params)
+    if workload == "fwd_bwd":
+        trajectory = (s.T + 1) * params
+        # forward: read points + init, write trajectory; backward: read points, trajectory and
+        # the cotangents, write the gradient of x.
+        return itemsize * (points + params + trajectory + points + trajectory + params + s.B * s.N * s.D)
+    if workload == "pool":
+        return itemsize * (s.M * s.D + params + s.B * s.M)
+    raise ValueError(f"unknown workload {workload!r}")
+
+
+# ----------------------------------------------------------------------------- plans
+@dataclass(frozen=True)
+class Cell:
+    """One (workload, shape) point of the plan, with the tags naming why it is there
+    (a named shape and/or the sweeps it belongs to)."""
+
+    workload: str
+    shape: Shape
+    tags: Tuple[str, ...]
+
+
+def plan(device: str, quick: bool, workloads: Sequence[str] = WORKLOADS,
+         named: Sequence[str] = ("paper", "core", "medium", "large"), sweeps: bool = True) -> List[Cell]:
+    """The cells of a summary run, de-duplicated (a sweep's base point is measured once),
+    ordered by workload, then by model FLOPs so that slow contenders can be projected from
+    smaller cells and skipped before they blow the time budget."""
+    table = SWEEPS_QUICK if quick else SWEEPS_FULL
+    base = NAMED_SHAPES[SWEEP_BASE[device]]
+    cells: List[Cell] = []
+    for workload in workloads:
+        tagged: Dict[Tuple[int, ...], Tuple[Shape, List[str]]] = {}
+
+        def add(shape: Shape, tag: str) -> None:
+            key = shape.key(workload)
+            if key not in tagged:
+                tagged[key] = (shape, [])
+            tagged[key][1].append(tag)
+
+        for name in named:
+            add(NAMED_SHAPES[name], name)
+        if sweeps:
+            for field in SWEEP_FIELDS[workload]:
+                for value in table[device][field]:
+                    add(base.replace(**{field: value}), f"sweep:{field}")
+        ordered = sorted(tagged.values(), key=lambda item: (flops(workload, item[0]), item[0]))
+        cells += [Cell(workload, shape, tuple(tags)) for shape, tags in ordered]
+    return cells
+
+
+def describe_flops() -> str:
+    """One-line summary of the FLOP model, for the JSON results."""
+    return (
+        f"forward = (T*{FLOPS_E_STEP + FLOPS_M_STEP} + {FLOPS_E_STEP})*B*N*K*D; "
+        f"fwd_bwd = forward + T*{FLOPS_BACKWARD_ITER}*B*N*K*D; pool = {FLOPS_POOL}*B*M*K*D"
+    )
