@@ -127,26 +127,26 @@ T total_weight(const T* w, int64_t n) {
 }
 
 // E-step under theta over the padded points of ws: responsibilities into ws.resp (rows,K)
-// if want_resp, and the weighted log-likelihood sum_n w_n log p(x_n). Leaves inv_var and
-// log_norm of theta in ws.
+// if want_resp, and, if want_loglik, the weighted log-likelihood sum_n w_n log p(x_n) (else
+// 0: the log per point is skipped where nobody reads it). Leaves inv_var and log_norm of
+// theta in ws.
 template <typename T>
-T e_step(SetShape s, ConstParams<T> theta, Workspace<T>& ws, bool want_resp) {
+T e_step(SetShape s, ConstParams<T> theta, Workspace<T>& ws, bool want_resp, bool want_loglik) {
   const int64_t D = s.d, K = s.k;
   precompute_components(theta.log_weights, theta.variances, K, D, ws.inv_var, ws.log_norm);
   T loglik = 0;
+  T lse[kBlock];
   for (int64_t n0 = 0; n0 < ws.rows; n0 += kBlock) {
     block_log_densities(ws.x + n0 * D, theta.means, ws.inv_var, ws.log_norm, K, D, ws.l);
+    block_posteriors(ws.l, K, want_resp ? ws.resp + n0 * K : nullptr, want_loglik ? lse : nullptr);
+    if (!want_loglik) continue;
     for (int64_t j = 0; j < kBlock; ++j) {
-      const int64_t n = n0 + j;
-      const T lse = log_sum_exp(ws.l + j * K, K, want_resp ? ws.resp + n * K : nullptr);
-      if (ws.w[n] != T(0)) loglik += ws.w[n] * lse;
+      if (ws.w[n0 + j] != T(0)) loglik += ws.w[n0 + j] * lse[j];
     }
   }
   return loglik;
 }
 
-// Nk = sum_n w_n r_nk. Forward and backward both call this so that they take the same
-// alive/dead decisions bit for bit.
 template <typename T>
 void component_mass(SetShape s, Workspace<T>& ws) {
   std::fill(ws.nk, ws.nk + s.k, T(0));
@@ -257,10 +257,11 @@ FitReport em_forward_set(const T* x, const T* w, SetShape s, ConstParams<T> init
     double ll;
     if (s.k == 1 && t >= 2) {
       // One component: r = 1, so the M-step gives theta_1 again whatever theta_{t-1} is.
-      if (t == 2) ll_theta1 = mean_ll(e_step(s, ConstParams<T>(cur), ws, false));
+      if (t == 2) ll_theta1 = mean_ll(e_step(s, ConstParams<T>(cur), ws, false, true));
       ll = ll_theta1;
     } else {
-      ll = mean_ll(e_step(s, ConstParams<T>(cur), ws, true));
+      // The log-likelihood of an iteration only feeds the tol test.
+      ll = mean_ll(e_step(s, ConstParams<T>(cur), ws, true, cfg.tol > 0));
       m_step(total_w, s, ConstParams<T>(cur), next, var_floor, ws);
       std::swap(cur, next);
     }
@@ -279,7 +280,7 @@ FitReport em_forward_set(const T* x, const T* w, SetShape s, ConstParams<T> init
   }
   report.loglik = (s.k == 1 && report.n_iter >= 2)
                       ? ll_theta1
-                      : mean_ll(e_step(s, ConstParams<T>(cur), ws, false));
+                      : mean_ll(e_step(s, ConstParams<T>(cur), ws, false, true));
   return report;
 }
 
@@ -411,7 +412,7 @@ void em_backward_set(const T* x, const T* w, SetShape s, int64_t n_used, T var_f
   for (int64_t t = t_last; t >= 1; --t) {
     ConstParams<T> prev(traj.at(t - 1));
     ConstParams<T> theta_t(traj.at(t));
-    e_step(s, prev, ws, true);  // also leaves inv_var of theta_{t-1} in ws
+    e_step(s, prev, ws, true, false);  // also leaves inv_var of theta_{t-1} in ws
     component_mass(s, ws);
     m_step_backward(total_w, s, theta_t, ConstParams<T>(g), ws, g_w);
 

@@ -41,9 +41,10 @@ at::Tensor score_paired_cpu(const at::Tensor& z_in, const at::Tensor& lw_in, con
         for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
           const int64_t count = std::min(kBlock, rows - r0);
           const T* zb = padded_block(zp + (base + r0) * D, count, D, pad.data());
+          T lse[kBlock];
           block_log_densities(zb, mup + b * K * D, ivp + b * K * D, lnp + b * K, K, D, l.data());
-          for (int64_t j = 0; j < count; ++j)
-            outp[base + r0 + j] = log_sum_exp(l.data() + j * K, K, static_cast<T*>(nullptr));
+          block_posteriors(l.data(), K, static_cast<T*>(nullptr), lse);
+          std::copy(lse, lse + count, outp + base + r0);
         }
       }
     });
@@ -80,14 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_paired_backward
           const int64_t count = std::min(kBlock, Q - q0), i0 = b * Q + q0;
           const T* zb = padded_block(zp + i0 * D, count, D, pad.data());
           block_log_densities(zb, means, inv_var.data(), log_norm.data(), K, D, l.data());
-          for (int64_t j = 0; j < kBlock; ++j) {
-            T* gl = g_l.data() + j * K;
-            if (j >= count || gp[i0 + j] == T(0)) {
-              std::fill(gl, gl + K, T(0));
-              continue;
-            }
-            log_sum_exp(l.data() + j * K, K, gl);  // posteriors into gl ...
-            for (int64_t k = 0; k < K; ++k) gl[k] *= gp[i0 + j];  // ... times dL/dlog p
+          block_posteriors(l.data(), K, g_l.data(), static_cast<T*>(nullptr));
+          for (int64_t j = 0; j < kBlock; ++j) {  // dL/dl = dL/dlog p times the posteriors
+            const T g = j < count ? gp[i0 + j] : T(0);
+            for (int64_t k = 0; k < K; ++k) g_l[j * K + k] *= g;
           }
           // A partial block writes its z-gradient to scratch, then copies the real rows.
           T* gzb = count == kBlock ? gzp + i0 * D : g_pad.data();
