@@ -181,6 +181,7 @@ def _resume_config(cfg: TrainConfig, explicit: Sequence[str], saved: Dict[str, A
     """The saved run's config with the runtime fields given on the command line; a
     training-defining field given with another value is an error."""
     merged = TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    merged.stop_after = cfg.stop_after  # a simulated kill is never inherited
     conflicts = []
     for name in explicit:
         value = getattr(cfg, name)

@@ -13,7 +13,9 @@ class ConvEmbedding(nn.Module):
 
     GroupNorm instead of BatchNorm keeps every image's descriptor independent of the other
     images in its batch: a concept set, its queries and a data-parallel shard then give the
-    same descriptors however they are batched, in training and evaluation alike.
+    same descriptors however they are batched, in training and evaluation alike. The convs
+    have no bias: GroupNorm subtracts the group mean, so a bias would be nearly redundant,
+    with gradients that are mostly rounding noise (which Adam would amplify).
 
     Args:
         in_channels: image channels (1 for Omniglot).
@@ -36,7 +38,7 @@ class ConvEmbedding(nn.Module):
         channels = in_channels
         for _ in range(depth):
             blocks += [
-                nn.Conv2d(channels, width, 3, padding=1),
+                nn.Conv2d(channels, width, 3, padding=1, bias=False),  # GroupNorm's shift replaces it
                 nn.GroupNorm(groups, width),
                 nn.ReLU(inplace=True),
                 nn.MaxPool2d(2),
