@@ -245,7 +245,7 @@ def write_figure(result: Dict[str, Any], test: ClassImages, noise: Sequence[floa
         for k in range(n):
             x0 = k * (imgs.shape[2] + 4) + 2
             canvas[2 : 2 + imgs.shape[1], x0 : x0 + imgs.shape[2]] = 1 - imgs[k]
-        axis.imshow(canvas, cmap="gray", vmin=0, vmax=1)
+        axis.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1)
         for k, ok in enumerate(relevant):
             axis.add_patch(Rectangle((k * (imgs.shape[2] + 4) + 0.5, 0.5), imgs.shape[2] + 2, imgs.shape[1] + 2,
                                      fill=False, lw=1.5, edgecolor="tab:green" if ok else "tab:red"))
