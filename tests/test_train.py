@@ -111,7 +111,6 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path, scorer):
     # stays at the 1e-16 level; 4 steps of Adam keep it far below the tolerance.
     common = dict(scorer=scorer, steps=4, tuples=4, dtype="float64", checkpoint_every=4)
     single = train(tiny(tmp_path, "one", **common))
-    ctx = mp.get_context("spawn")
     mp.start_processes(_ddp_worker, args=(2, _free_port(), tiny(tmp_path, "two", **common)), nprocs=2,
                        start_method="spawn", join=True)
     one = load_checkpoint(tmp_path / "one" / "last.pt")
@@ -121,7 +120,6 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path, scorer):
         torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-9, atol=1e-12, msg=key)
     # The logged loss is the mean over the global batch in both runs.
     torch.testing.assert_close(torch.tensor(two["history"]), torch.tensor(single["history"]), rtol=1e-9, atol=1e-12)
-    assert ctx is not None
 
 
 def test_cli_reports_bad_settings(tmp_path, capsys):
@@ -134,3 +132,25 @@ def test_cli_reports_bad_settings(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["--tuples", "0", "--out", str(tmp_path / "o"), "--no-progress"])
     assert "--tuples must be >= 1" in capsys.readouterr().err
+
+
+def test_torchrun_command_line_matches_one_process(tmp_path):
+    # The documented entry point: torchrun --nproc_per_node=2 -m s2m_ext.train ... (gloo on CPU).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["--train-classes", "24", "--val-classes", "6", "--tuples", "4", "--width", "8", "--depth", "2",
+            "--dim", "8", "--steps", "3", "--dtype", "float64", "--scorer", "gauss", "--threads", "1", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "-m", "s2m_ext.train", *args, "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = load_checkpoint(tmp_path / "one" / "last.pt")
+    two = load_checkpoint(tmp_path / "two" / "last.pt")
+    assert two["world_size"] == 2 and two["step"] == 3
+    for key, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-9, atol=1e-12, msg=key)
