@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -37,7 +37,7 @@ from .data import EpisodeSampler, load_splits
 from .data.base import mix_seed
 from .data.sources import DATA_SOURCES, data_config
 from .nn import HistogramLoss, build_model
-from .nn.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .nn.checkpoint import load_checkpoint, save_checkpoint
 from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
 from .nn.scorers import SCORER_NAMES
 
@@ -76,6 +76,7 @@ class TrainConfig:
     # optimisation
     steps: int = 2000
     lr: float = 1e-3
+    lr_schedule: str = "cosine"
     weight_decay: float = 0.0
     seed: int = 0
     # bookkeeping (may change when a run is resumed)
@@ -126,6 +127,17 @@ def _check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"--lr-schedule must be cosine or constant, got {cfg.lr_schedule!r}")
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0-based): constant, or cosine-annealed from
+    ``lr`` towards 0 over ``steps`` (a pure function of the step, so resuming needs no
+    scheduler state; resuming with another ``--steps`` reshapes the rest of the curve)."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.steps))
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -273,6 +285,8 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = ()) -> Dict[str, Any]:
     while step < cfg.steps:
         batch = sampler.batch(step, rank * local, (rank + 1) * local)
         concept, queries = batch.images(train_data, dtype, device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
         scores = net(concept, queries, generators=batch.generators())
         loss = loss_fn(scores[:, : cfg.n_relevant], scores[:, cfg.n_relevant :])
         optimizer.zero_grad(set_to_none=True)
@@ -366,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help=f"total training steps (default {d.steps})")
     g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--lr-schedule", choices=("cosine", "constant"), help=f"learning-rate schedule (default {d.lr_schedule})")
     g.add_argument("--weight-decay", type=float, help=f"Adam weight decay (default {d.weight_decay})")
     g.add_argument("--seed", type=int, help=f"seed of the weights and the episodes (default {d.seed})")
     g = p.add_argument_group("run")

@@ -9,7 +9,7 @@ batch as one process.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 from torch import Tensor
