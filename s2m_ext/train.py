@@ -73,6 +73,7 @@ class TrainConfig:
     var_floor: float = 0.01
     bins: int = 100
     dtype: str = "float32"
+    init_from: Optional[str] = None
     # optimisation
     steps: int = 2000
     lr: float = 1e-3
@@ -189,6 +190,16 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _load_embedding(model, path: str, embedding: Dict[str, Any]) -> None:
+    """Start from the embedding weights of another s2m-train checkpoint (fine-tuning, e.g.
+    S2M-GMM2 from S2M-Gauss); its embedding must be ``embedding``, this run's."""
+    source = load_checkpoint(path)
+    if source["model"]["embedding"] != embedding:
+        raise ValueError(f"--init-from {path}: its embedding {source['model']['embedding']} differs from this run's {embedding}")
+    weights = {k[len("embed."):]: v for k, v in source["state_dict"].items() if k.startswith("embed.")}
+    model.embed.load_state_dict(weights)
+
+
 def _resume_config(cfg: TrainConfig, explicit: Sequence[str], saved: Dict[str, Any]) -> TrainConfig:
     """The saved run's config with the runtime fields given on the command line; a
     training-defining field given with another value is an error."""
@@ -229,6 +240,8 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = ()) -> Dict[str, Any]:
     train_data, val_data = splits["train"], splits["val"]
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.scorer, model_spec(cfg)["embedding"], cfg.n_iter, cfg.var_floor).to(device, dtype)
+    if cfg.init_from and resume_payload is None:
+        _load_embedding(model, cfg.init_from, model_spec(cfg)["embedding"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, history, val_history, best_val, elapsed_before = 0, [], [], -math.inf, 0.0
     if resume_payload is not None:
@@ -377,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--var-floor", type=float, help=f"variance floor of the Gaussians (default {d.var_floor})")
     g.add_argument("--bins", type=int, help=f"histogram loss bins (default {d.bins})")
     g.add_argument("--dtype", choices=("float32", "float64"), help=f"parameter dtype (default {d.dtype})")
+    g.add_argument("--init-from", help="start from the embedding of another s2m-train checkpoint (fine-tuning)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help=f"total training steps (default {d.steps})")
     g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")

@@ -154,3 +154,13 @@ def test_torchrun_command_line_matches_one_process(tmp_path):
     assert two["world_size"] == 2 and two["step"] == 3
     for key, value in one["state_dict"].items():
         torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_init_from_starts_from_another_runs_embedding(tmp_path):
+    source = train(tiny(tmp_path, "gauss", scorer="gauss", steps=3))
+    # One step at a negligible learning rate: the weights are the source's (Adam moves each by ~lr).
+    tuned = train(tiny(tmp_path, "gmm2", scorer="gmm2", steps=1, lr=1e-12, init_from=source["last"]))
+    for key, value in source["model"].embed.state_dict().items():
+        torch.testing.assert_close(tuned["model"].embed.state_dict()[key], value, rtol=0, atol=1e-10, msg=key)
+    with pytest.raises(ValueError, match="--init-from .* differs from this run's"):
+        train(tiny(tmp_path, "wide", scorer="gmm2", steps=1, width=16, init_from=source["last"]))
