@@ -32,7 +32,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--train-classes", type=int, default=500, help="glyph training classes")
     p.add_argument("--test-classes", type=int, default=100, help="held-out glyph classes ranked")
     p.add_argument("--seeds", type=int, default=3, help="concept-set draws per model")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: the idle cores, at least 1)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     args = p.parse_args(argv)
     out = Path(args.out)

@@ -31,6 +31,7 @@ from .data.sources import DATA_SOURCES, data_config
 from .nn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
 from .nn.scorers import SCORER_NAMES, display_name, make_scorer
+from .train import default_threads
 
 __all__ = ["evaluate", "main", "confidence_interval"]
 
@@ -286,15 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--png", default=None, help="write the figure here")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: the idle cores, at least 1)")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads or default_threads())
+    try:
+        return _run(parser, args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for s in args.scorers:
         if s != "own" and s not in SCORER_NAMES:
             parser.error(f"--scorers: unknown scorer {s!r}; expected 'own' or one of {', '.join(SCORER_NAMES)}")

@@ -153,6 +153,18 @@ def _distributed() -> tuple:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def default_threads(processes: int = 1) -> int:
+    """CPU threads per process when none are asked for: this process's share of the cores
+    that are idle now (cores minus the 1-minute load average), at least 1. A small CNN gains
+    little from threads, and oversubscribed cores make every op's thread sync ~10x slower."""
+    cores = os.cpu_count() or 1
+    try:
+        idle = cores - int(round(os.getloadavg()[0]))
+    except OSError:  # no load average on this platform
+        idle = cores
+    return max(1, min(cores, idle) // max(1, processes))
+
+
 def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     if cfg.device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -219,8 +231,17 @@ def _resume_config(cfg: TrainConfig, explicit: Sequence[str], saved: Dict[str, A
 
 def train(cfg: TrainConfig, explicit: Sequence[str] = ()) -> Dict[str, Any]:
     """Run (or resume) a training run; returns a summary dict (steps done, last loss, best
-    validation mAP, checkpoint paths). ``explicit`` names the fields the user set (when
-    resuming, only those override the checkpoint's config)."""
+    validation mAP, checkpoint paths, the model). ``explicit`` names the fields the user set
+    (when resuming, only those override the checkpoint's config). torch's CPU thread count
+    is set for the run and restored afterwards."""
+    threads_before = torch.get_num_threads()
+    try:
+        return _train(cfg, explicit)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(cfg: TrainConfig, explicit: Sequence[str]) -> Dict[str, Any]:
     rank, world, local_rank = _distributed()
     resume_payload = None
     if cfg.resume:
@@ -231,7 +252,7 @@ def train(cfg: TrainConfig, explicit: Sequence[str] = ()) -> Dict[str, Any]:
     _check_config(cfg)
     if cfg.tuples % world:
         raise ValueError(f"--tuples ({cfg.tuples}) must be divisible by the number of processes ({world})")
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    threads = cfg.threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     torch.set_num_threads(threads)
     device = _device(cfg, local_rank)
     dtype = getattr(torch, cfg.dtype)
@@ -405,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, help="also checkpoint every this many steps (default 0: off)")
     g.add_argument("--val-every", type=int, help=f"steps between validation mAPs (default {d.val_every})")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default auto)")
-    g.add_argument("--threads", type=int, help="CPU threads (default: cores / local processes)")
+    g.add_argument("--threads", type=int, help="CPU threads (default: the idle cores / local processes, at least 1)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     g.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill after this step
     return p

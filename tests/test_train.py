@@ -164,3 +164,11 @@ def test_init_from_starts_from_another_runs_embedding(tmp_path):
         torch.testing.assert_close(tuned["model"].embed.state_dict()[key], value, rtol=0, atol=1e-10, msg=key)
     with pytest.raises(ValueError, match="--init-from .* differs from this run's"):
         train(tiny(tmp_path, "wide", scorer="gmm2", steps=1, width=16, init_from=source["last"]))
+
+
+def test_default_threads_stay_within_the_cores():
+    from s2m_ext.train import default_threads
+
+    cores = os.cpu_count() or 1
+    assert 1 <= default_threads() <= cores
+    assert default_threads(processes=4 * cores) == 1  # never 0, however many processes share the cores
