@@ -196,6 +196,51 @@ def _example(label: str, scorer: str, scores: torch.Tensor, test: ClassImages, c
     }
 
 
+def paired_differences(result: Dict[str, Any], reference: str, noise: Sequence[float]) -> List[Dict[str, Any]]:
+    """mAP of every row minus that of row ``reference``, paired: run i of a group against
+    run i of the reference (runs trained with the same --seed share initial weights and
+    episodes) and draw s against draw s (the same concept sets). With several runs the
+    interval is over the per-run differences, else over the per-draw ones."""
+    rows = {row["label"]: row for row in result["rows"]}
+    if reference not in rows:
+        raise ValueError(f"--compare-to {reference!r} is not a row label; the rows are {list(rows)}")
+    out = []
+    for row in result["rows"]:
+        if row["label"] == reference:
+            continue
+        cells = {}
+        for nz in noise:
+            a, b = row["noise"][str(nz)]["raw"], rows[reference]["noise"][str(nz)]["raw"]
+            if len(a) != len(b):
+                raise ValueError(f"cannot pair {row['label']!r} ({len(a)} runs) with {reference!r} ({len(b)} runs)")
+            if len(a) > 1:
+                diffs = [sum(x) / len(x) - sum(y) / len(y) for x, y in zip(a, b)]
+            else:
+                diffs = [x - y for x, y in zip(a[0], b[0])]
+            lo, hi = confidence_interval(diffs)
+            cells[str(nz)] = {"diff": sum(diffs) / len(diffs), "ci95": [lo, hi], "paired": diffs}
+        out.append({"label": row["label"], "reference": reference, "noise": cells})
+    return out
+
+
+def _markdown(lines: List[List[str]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def format_differences(diffs: List[Dict[str, Any]], noise: Sequence[float]) -> str:
+    lines = [[f"minus {diffs[0]['reference']}" if diffs else "model"] + [f"paired diff, noise {nz:g}" for nz in noise]]
+    for row in diffs:
+        cells = [row["label"]]
+        for nz in noise:
+            cell = row["noise"][str(nz)]
+            cells.append(f"{cell['diff']:+.3f} [{cell['ci95'][0]:+.3f}, {cell['ci95'][1]:+.3f}]")
+        lines.append(cells)
+    return _markdown(lines)
+
+
 def format_table(result: Dict[str, Any], noise: Sequence[float]) -> str:
     header = ["model"] + [f"mAP, noise {nz:g}" for nz in noise]
     lines = [header]
@@ -206,10 +251,7 @@ def format_table(result: Dict[str, Any], noise: Sequence[float]) -> str:
             lo, hi = cell["ci95"]
             cells.append(f"{cell['map']:.3f} [{lo:.3f}, {hi:.3f}]")
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
-    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(out)
+    return _markdown(lines)
 
 
 def write_figure(result: Dict[str, Any], test: ClassImages, noise: Sequence[float], path: str) -> None:
@@ -284,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-classes", type=int, default=None, help="glyph test classes (default: the checkpoint's)")
     p.add_argument("--n-iter", type=int, default=None, help="EM iterations (default: the checkpoint's)")
     p.add_argument("--var-floor", type=float, default=None, help="variance floor (default: the checkpoint's)")
+    p.add_argument("--compare-to", default=None, metavar="LABEL",
+                   help="also print every row's mAP minus this row's, paired by run (training seed) and concept draw")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--png", default=None, help="write the figure here")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -324,6 +368,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     print(f"{args.split} split: {test.n_classes} classes, {len(test)} images; concept sets of {args.concept_size}; "
           f"{args.seeds} draws per model")
     print(format_table(result, args.noise))
+    if args.compare_to:
+        try:
+            result["paired"] = paired_differences(result, args.compare_to, args.noise)
+        except ValueError as exc:
+            parser.exit(2, f"s2m-eval: error: {exc}\n")
+        print(format_differences(result["paired"], args.noise))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -165,3 +165,22 @@ def test_eval_rejects_bad_options(tmp_path, checkpoints, capsys):
     with pytest.raises(SystemExit):
         main([str(checkpoints["avg"]), "--data", "omniglot", "--data-root", str(tmp_path / "none")])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_paired_differences(tmp_path, checkpoints, capsys):
+    out_json = tmp_path / "r.json"
+    main([f"{checkpoints['gmm2']}", f"AVG-FT={checkpoints['avg']}", "--noise", "0", "--seeds", "3",
+          "--compare-to", "AVG-FT", "--json", str(out_json), "--threads", "1"])
+    assert "minus AVG-FT" in capsys.readouterr().out
+    result = json.loads(out_json.read_text())
+    rows = {r["label"]: r["noise"]["0.0"] for r in result["rows"]}
+    (diff,) = result["paired"]
+    cell = diff["noise"]["0.0"]
+    # One run per label: paired by concept draw (the same concept sets for both models).
+    want = [a - b for a, b in zip(rows["S2M-GMM2"]["raw"][0], rows["AVG-FT"]["raw"][0])]
+    assert cell["paired"] == pytest.approx(want, abs=1e-15)
+    assert cell["diff"] == pytest.approx(rows["S2M-GMM2"]["map"] - rows["AVG-FT"]["map"], abs=1e-12)
+    assert cell["ci95"][0] <= cell["diff"] <= cell["ci95"][1]
+    with pytest.raises(SystemExit):
+        main([f"{checkpoints['avg']}", "--noise", "0", "--seeds", "1", "--compare-to", "S2M-Gauss"])
+    assert "is not a row label" in capsys.readouterr().err
