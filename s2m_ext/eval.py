@@ -156,9 +156,10 @@ def evaluate(
                         concepts = concept_sets[(s, nz)]
                         gen = torch.Generator().manual_seed(mix_seed(s, 17))
                         scores = retrieval_scores(scorer, desc, concepts.to(desc.device), gen).cpu()
-                        maps.append(float(retrieval_ap(scores, test.labels, concepts).mean()))
+                        ap = retrieval_ap(scores, test.labels, concepts)
+                        maps.append(float(ap.mean()))
                         if example is None and run == 0 and s == 0 and nz == max(noise):
-                            example = _example(group.label, name, scores, test, concepts, nz)
+                            example = _example(group.label, name, scores, ap, test, concepts, nz)
                     per_row[name][nz].append(maps)
         for name in names:
             label = group.label if name == group.scorer else f"{display_name(name).split('-FT')[0].replace('S2M-', '')} on {group.label}"
@@ -178,9 +179,11 @@ def evaluate(
     return {"rows": rows, "example": example}
 
 
-def _example(label: str, scorer: str, scores: torch.Tensor, test: ClassImages, concepts: torch.Tensor, noise: float, top: int = 20):
-    """A retrieval example for the figure: class 0's concept set and its top-ranked items."""
-    c = 0
+def _example(label: str, scorer: str, scores: torch.Tensor, ap: torch.Tensor, test: ClassImages, concepts: torch.Tensor,
+             noise: float, top: int = 20):
+    """A retrieval example for the figure: the concept set of the class with the median AP
+    (a typical case) and its top-ranked items."""
+    c = int(torch.argsort(ap)[len(ap) // 2])
     ranked = scores[c].clone()
     ranked[concepts[c]] = -math.inf
     order = torch.argsort(ranked, descending=True)[:top]
@@ -189,6 +192,7 @@ def _example(label: str, scorer: str, scores: torch.Tensor, test: ClassImages, c
         "scorer": scorer,
         "noise": noise,
         "class": test.class_names[c],
+        "ap": float(ap[c]),
         "concept": concepts[c].tolist(),
         "concept_relevant": (test.labels[concepts[c]] == c).tolist(),
         "top": order.tolist(),
@@ -277,7 +281,7 @@ def write_figure(result: Dict[str, Any], test: ClassImages, noise: Sequence[floa
     ax.set_xticks(range(len(noise)), [f"noise {nz:g}" for nz in noise])
     ax.set_ylabel("mAP (95% interval)")
     ax.set_title("retrieval mAP on held-out classes")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper right")
     ax.set_ylim(0, 1)
 
     def strip(axis, indices, relevant, title):
@@ -297,9 +301,9 @@ def write_figure(result: Dict[str, Any], test: ClassImages, noise: Sequence[floa
     if ex is not None:
         half = len(ex["top"]) // 2
         strip(fig.add_subplot(grid[0, 1]), ex["concept"], ex["concept_relevant"],
-              f"concept set of {ex['class']} (noise {ex['noise']:g}; red = other class)")
+              f"concept set of {ex['class']} (noise {ex['noise']:g}; red = other class; median-AP class)")
         strip(fig.add_subplot(grid[1, 1]), ex["top"][:half], ex["top_relevant"][:half],
-              f"top {len(ex['top'])} by {ex['label']} (green = relevant)")
+              f"top {len(ex['top'])} by {ex['label']} (green = relevant; AP {ex['ap']:.2f})")
         strip(fig.add_subplot(grid[2, 1]), ex["top"][half:], ex["top_relevant"][half:], "")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
