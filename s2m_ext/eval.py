@@ -1,0 +1,392 @@
+"""s2m-eval: the paper's retrieval protocol for trained checkpoints, scorers side by side.
+
+    s2m-eval runs/gauss/last.pt runs/avg/last.pt --noise 0 0.3 --json r.json --png r.png
+    s2m-eval S2M-Gauss=runs/g0/last.pt,runs/g1/last.pt AVG-FT=runs/a0/last.pt,runs/a1/last.pt
+    s2m-eval runs/avg/last.pt --scorers avg nn gauss gmm2      # every scorer on one embedding
+
+For every test class, a concept set of ``--concept-size`` of its images (with
+``round(noise * n)`` of them replaced by images of other test classes) is fitted by the
+scorer and all other test images are ranked; the relevant ones are the remaining images
+of the class. AP per class, mAP over classes. Each mAP is repeated over ``--seeds``
+concept-set draws (the same draws for every model) and, when a label groups several
+checkpoints (training seeds), over those runs; the 95% confidence interval is a Student t
+interval over the runs when there are several, else over the concept-set draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .data import load_splits
+from .data.base import ClassImages, mix_seed
+from .data.sources import DATA_SOURCES, data_config
+from .nn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
+from .nn.scorers import SCORER_NAMES, display_name, make_scorer
+from .train import default_threads
+
+__all__ = ["evaluate", "main", "confidence_interval"]
+
+
+@dataclass
+class Group:
+    """Checkpoints of one model (e.g. several training seeds) under one label."""
+
+    label: str
+    paths: List[str]
+    payloads: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def scorer(self) -> str:
+        return self.payloads[0]["model"]["scorer"]
+
+
+def confidence_interval(values: Sequence[float], level: float = 0.95) -> Tuple[float, float]:
+    """Student t interval (mean - h, mean + h) of the mean; (mean, mean) for one value."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, mean
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def parse_groups(specs: Sequence[str]) -> List[Group]:
+    """``[LABEL=]PATH[,PATH...]`` -> groups (label filled in later from the scorer)."""
+    groups = []
+    for spec in specs:
+        label, sep, paths = spec.partition("=")
+        if not sep:
+            label, paths = "", spec
+        parts = [p for p in paths.split(",") if p]
+        if not parts:
+            raise ValueError(f"no checkpoint path in {spec!r}")
+        groups.append(Group(label, parts))
+    return groups
+
+
+def load_groups(groups: List[Group]) -> None:
+    """Load every checkpoint (clear errors for bad paths and foreign files) and check that
+    the checkpoints of one group describe the same model."""
+    for group in groups:
+        group.payloads = [load_checkpoint(p) for p in group.paths]
+        specs = {json.dumps(p["model"], sort_keys=True) for p in group.payloads}
+        if len(specs) > 1:
+            raise CheckpointError(f"the checkpoints of {group.label or group.paths[0]!r} describe different models: {sorted(specs)}")
+        if not group.label:
+            group.label = display_name(group.scorer)
+    labels = [g.label for g in groups]
+    for label in set(labels):
+        if labels.count(label) > 1:
+            raise ValueError(f"two groups are labelled {label!r}: name them LABEL=PATH[,PATH...]")
+
+
+def resolve_data(groups: List[Group], data: Optional[str], data_root: Optional[str], test_classes: Optional[int]) -> Dict[str, Any]:
+    """The data description to evaluate on: the checkpoints' own (which must agree), with
+    ``--data`` / ``--data-root`` / ``--test-classes`` overriding."""
+    if data is not None:
+        cfg = data_config(data, root=data_root)
+    else:
+        specs = {json.dumps(p["data"], sort_keys=True) for g in groups for p in g.payloads}
+        if len(specs) > 1:
+            raise ValueError("the checkpoints were trained on different data; pass --data (and --data-root) to evaluate them on one set")
+        cfg = dict(groups[0].payloads[0]["data"])
+        if data_root is not None:
+            if cfg["source"] != "omniglot":
+                raise ValueError("--data-root applies to Omniglot; add --data omniglot to evaluate glyph-trained models on it")
+            cfg["root"] = data_root
+    if test_classes is not None:
+        if cfg["source"] != "glyphs":
+            raise ValueError("--test-classes applies to the glyph data only")
+        cfg["test_classes"] = test_classes
+    return cfg
+
+
+def evaluate(
+    groups: List[Group],
+    test: ClassImages,
+    scorers: Sequence[str] = ("own",),
+    noise: Sequence[float] = (0.0, 0.3),
+    concept_size: int = 10,
+    seeds: int = 5,
+    n_iter: Optional[int] = None,
+    var_floor: Optional[float] = None,
+    device: str = "cpu",
+) -> Dict[str, Any]:
+    """mAP of every (group, scorer) at every noise level; see the module docstring.
+
+    Returns ``{"rows": [...], "example": {...}}``: a row per (group, scorer) with, per noise
+    level, the mean, the 95% interval, what it is over, and the raw mAPs [run][seed]."""
+    rows: List[Dict[str, Any]] = []
+    example = None
+    concept_sets = {
+        (s, nz): sample_concepts(test.labels, concept_size, nz, torch.Generator().manual_seed(mix_seed(s, round(nz * 1000))))
+        for s in range(seeds)
+        for nz in noise
+    }
+    for group in groups:
+        names = [group.scorer if s == "own" else s for s in scorers]
+        names = list(dict.fromkeys(names))  # keep order, drop repeats
+        per_row = {name: {nz: [] for nz in noise} for name in names}
+        for run, payload in enumerate(group.payloads):
+            model = model_from_checkpoint(payload).to(device).eval()
+            dtype = next(model.parameters()).dtype
+            desc = embed_all(model, test.images, dtype=dtype)
+            spec = payload["model"]
+            for name in names:
+                scorer = make_scorer(
+                    name,
+                    n_iter=spec.get("n_iter", 10) if n_iter is None else n_iter,
+                    var_floor=spec.get("var_floor", 0.01) if var_floor is None else var_floor,
+                )
+                for nz in noise:
+                    maps = []
+                    for s in range(seeds):
+                        concepts = concept_sets[(s, nz)]
+                        gen = torch.Generator().manual_seed(mix_seed(s, 17))
+                        scores = retrieval_scores(scorer, desc, concepts.to(desc.device), gen).cpu()
+                        ap = retrieval_ap(scores, test.labels, concepts)
+                        maps.append(float(ap.mean()))
+                        if example is None and run == 0 and s == 0 and nz == max(noise):
+                            example = _example(group.label, name, scores, ap, test, concepts, nz)
+                    per_row[name][nz].append(maps)
+        for name in names:
+            label = group.label if name == group.scorer else f"{display_name(name).split('-FT')[0].replace('S2M-', '')} on {group.label}"
+            cells = {}
+            for nz in noise:
+                raw = per_row[name][nz]
+                over_runs = len(raw) > 1
+                values = [sum(m) / len(m) for m in raw] if over_runs else raw[0]
+                lo, hi = confidence_interval(values)
+                cells[str(nz)] = {
+                    "map": sum(values) / len(values),
+                    "ci95": [lo, hi],
+                    "ci_over": f"{len(raw)} training runs" if over_runs else f"{len(values)} concept-set draws",
+                    "raw": raw,
+                }
+            rows.append({"label": label, "checkpoints": group.paths, "scorer": name, "trained_with": group.scorer, "noise": cells})
+    return {"rows": rows, "example": example}
+
+
+def _example(label: str, scorer: str, scores: torch.Tensor, ap: torch.Tensor, test: ClassImages, concepts: torch.Tensor,
+             noise: float, top: int = 20):
+    """A retrieval example for the figure: the concept set of the class with the median AP
+    (a typical case) and its top-ranked items."""
+    c = int(torch.argsort(ap)[len(ap) // 2])
+    ranked = scores[c].clone()
+    ranked[concepts[c]] = -math.inf
+    order = torch.argsort(ranked, descending=True)[:top]
+    return {
+        "label": label,
+        "scorer": scorer,
+        "noise": noise,
+        "class": test.class_names[c],
+        "ap": float(ap[c]),
+        "concept": concepts[c].tolist(),
+        "concept_relevant": (test.labels[concepts[c]] == c).tolist(),
+        "top": order.tolist(),
+        "top_relevant": (test.labels[order] == c).tolist(),
+    }
+
+
+def paired_differences(result: Dict[str, Any], reference: str, noise: Sequence[float]) -> List[Dict[str, Any]]:
+    """mAP of every row minus that of row ``reference``, paired: run i of a group against
+    run i of the reference (runs trained with the same --seed share initial weights and
+    episodes) and draw s against draw s (the same concept sets). With several runs the
+    interval is over the per-run differences, else over the per-draw ones."""
+    rows = {row["label"]: row for row in result["rows"]}
+    if reference not in rows:
+        raise ValueError(f"--compare-to {reference!r} is not a row label; the rows are {list(rows)}")
+    out = []
+    for row in result["rows"]:
+        if row["label"] == reference:
+            continue
+        cells = {}
+        for nz in noise:
+            a, b = row["noise"][str(nz)]["raw"], rows[reference]["noise"][str(nz)]["raw"]
+            if len(a) != len(b):
+                raise ValueError(f"cannot pair {row['label']!r} ({len(a)} runs) with {reference!r} ({len(b)} runs)")
+            if len(a) > 1:
+                diffs = [sum(x) / len(x) - sum(y) / len(y) for x, y in zip(a, b)]
+            else:
+                diffs = [x - y for x, y in zip(a[0], b[0])]
+            lo, hi = confidence_interval(diffs)
+            cells[str(nz)] = {"diff": sum(diffs) / len(diffs), "ci95": [lo, hi], "paired": diffs}
+        out.append({"label": row["label"], "reference": reference, "noise": cells})
+    return out
+
+
+def _markdown(lines: List[List[str]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
+    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(out)
+
+
+def format_differences(diffs: List[Dict[str, Any]], noise: Sequence[float]) -> str:
+    lines = [[f"minus {diffs[0]['reference']}" if diffs else "model"] + [f"paired diff, noise {nz:g}" for nz in noise]]
+    for row in diffs:
+        cells = [row["label"]]
+        for nz in noise:
+            cell = row["noise"][str(nz)]
+            cells.append(f"{cell['diff']:+.3f} [{cell['ci95'][0]:+.3f}, {cell['ci95'][1]:+.3f}]")
+        lines.append(cells)
+    return _markdown(lines)
+
+
+def format_table(result: Dict[str, Any], noise: Sequence[float]) -> str:
+    header = ["model"] + [f"mAP, noise {nz:g}" for nz in noise]
+    lines = [header]
+    for row in result["rows"]:
+        cells = [row["label"]]
+        for nz in noise:
+            cell = row["noise"][str(nz)]
+            lo, hi = cell["ci95"]
+            cells.append(f"{cell['map']:.3f} [{lo:.3f}, {hi:.3f}]")
+        lines.append(cells)
+    return _markdown(lines)
+
+
+def write_figure(result: Dict[str, Any], test: ClassImages, noise: Sequence[float], path: str) -> None:
+    """mAP per model and noise level (bars, 95% intervals) and a retrieval example."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    rows = result["rows"]
+    ex = result["example"]
+    fig = plt.figure(figsize=(13, 5.2))
+    grid = fig.add_gridspec(3, 2, width_ratios=[1.0, 1.3])
+    ax = fig.add_subplot(grid[:, 0])
+    width = 0.8 / max(1, len(rows))
+    for i, row in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(noise))]
+        means = [row["noise"][str(nz)]["map"] for nz in noise]
+        errs = [[m - row["noise"][str(nz)]["ci95"][0] for m, nz in zip(means, noise)],
+                [row["noise"][str(nz)]["ci95"][1] - m for m, nz in zip(means, noise)]]
+        ax.bar(xs, means, width, yerr=errs, capsize=3, label=row["label"])
+    ax.set_xticks(range(len(noise)), [f"noise {nz:g}" for nz in noise])
+    ax.set_ylabel("mAP (95% interval)")
+    ax.set_title("retrieval mAP on held-out classes")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_ylim(0, 1)
+
+    def strip(axis, indices, relevant, title):
+        imgs = test.images[torch.tensor(indices)][:, 0].float() / 255.0
+        n = len(indices)
+        canvas = torch.ones(imgs.shape[1] + 4, n * (imgs.shape[2] + 4))
+        for k in range(n):
+            x0 = k * (imgs.shape[2] + 4) + 2
+            canvas[2 : 2 + imgs.shape[1], x0 : x0 + imgs.shape[2]] = 1 - imgs[k]
+        axis.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1)
+        for k, ok in enumerate(relevant):
+            axis.add_patch(Rectangle((k * (imgs.shape[2] + 4) + 0.5, 0.5), imgs.shape[2] + 2, imgs.shape[1] + 2,
+                                     fill=False, lw=1.5, edgecolor="tab:green" if ok else "tab:red"))
+        axis.set_title(title, fontsize=9)
+        axis.axis("off")
+
+    if ex is not None:
+        half = len(ex["top"]) // 2
+        strip(fig.add_subplot(grid[0, 1]), ex["concept"], ex["concept_relevant"],
+              f"concept set of {ex['class']} (noise {ex['noise']:g}; red = other class; median-AP class)")
+        strip(fig.add_subplot(grid[1, 1]), ex["top"][:half], ex["top_relevant"][:half],
+              f"top {len(ex['top'])} by {ex['label']} (green = relevant; AP {ex['ap']:.2f})")
+        strip(fig.add_subplot(grid[2, 1]), ex["top"][half:], ex["top_relevant"][half:], "")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="s2m-eval",
+        description="Retrieval mAP of s2m-train checkpoints on held-out classes (the paper's protocol).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="[LABEL=]CKPT[,CKPT...]",
+                   help="checkpoints; comma-joined ones (training seeds) are pooled under one label")
+    p.add_argument("--scorers", nargs="+", default=["own"],
+                   help=f"scorers to apply to each embedding: 'own' (the one it was trained with) and/or {', '.join(SCORER_NAMES)}")
+    p.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.3], help="concept-set noise levels")
+    p.add_argument("--concept-size", type=int, default=10, help="concept set size n")
+    p.add_argument("--seeds", type=int, default=5, help="concept-set draws per model")
+    p.add_argument("--data", choices=DATA_SOURCES, default=None, help="evaluate on this source instead of the checkpoints' own")
+    p.add_argument("--data-root", default=None, help="Omniglot folder or zip")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="which split to rank")
+    p.add_argument("--test-classes", type=int, default=None, help="glyph test classes (default: the checkpoint's)")
+    p.add_argument("--n-iter", type=int, default=None, help="EM iterations (default: the checkpoint's)")
+    p.add_argument("--var-floor", type=float, default=None, help="variance floor (default: the checkpoint's)")
+    p.add_argument("--compare-to", default=None, metavar="LABEL",
+                   help="also print every row's mAP minus this row's, paired by run (training seed) and concept draw")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--png", default=None, help="write the figure here")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: the idle cores, at least 1)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads or default_threads())
+    try:
+        return _run(parser, args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    for s in args.scorers:
+        if s != "own" and s not in SCORER_NAMES:
+            parser.error(f"--scorers: unknown scorer {s!r}; expected 'own' or one of {', '.join(SCORER_NAMES)}")
+    if args.seeds < 1 or args.concept_size < 1:
+        parser.error("--seeds and --concept-size must be >= 1")
+    try:
+        groups = parse_groups(args.checkpoints)
+        load_groups(groups)
+        data_cfg = resolve_data(groups, args.data, args.data_root, args.test_classes)
+        test = load_splits(data_cfg, which=(args.split,))[args.split]
+        result = evaluate(groups, test, args.scorers, args.noise, args.concept_size, args.seeds,
+                          args.n_iter, args.var_floor, args.device)
+    except (FileNotFoundError, ValueError) as exc:  # CheckpointError is a ValueError
+        parser.exit(2, f"s2m-eval: error: {exc}\n")
+    result["settings"] = {
+        "data": data_cfg, "split": args.split, "n_classes": test.n_classes, "n_images": len(test),
+        "concept_size": args.concept_size, "seeds": args.seeds, "noise": args.noise,
+    }
+    print(f"{args.split} split: {test.n_classes} classes, {len(test)} images; concept sets of {args.concept_size}; "
+          f"{args.seeds} draws per model")
+    print(format_table(result, args.noise))
+    if args.compare_to:
+        try:
+            result["paired"] = paired_differences(result, args.compare_to, args.noise)
+        except ValueError as exc:
+            parser.exit(2, f"s2m-eval: error: {exc}\n")
+        print(format_differences(result["paired"], args.noise))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+    if args.png:
+        write_figure(result, test, args.noise, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Set scorers: turn a concept set of descriptors into a model and score queries with it.
+
+Every scorer has the same three methods, so Set2Model and the baselines are interchangeable
+(and any scorer can be applied to any embedding, e.g. S2M-Gauss on AVG-FT descriptors):
+
+* ``fit(desc (B, N, D), mask (B, N) bool or None, generators=None) -> state``
+* ``score(state, queries (B, Q, D)) -> (B, Q)``   paired: row b against concept b
+* ``score_pool(state, pool (M, D)) -> (B, M)``    every pool item against every concept
+
+Higher scores mean "more likely to belong to the concept".
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..gmm import DiagGMM, fit_gmm
+
+__all__ = ["SetScorer", "GMMScorer", "AvgScorer", "NNScorer", "make_scorer", "SCORER_NAMES", "display_name"]
+
+Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
+
+#: Scorer names accepted by :func:`make_scorer` and the command-line programs.
+SCORER_NAMES = ("gauss", "gmm2", "gmm3", "gmm4", "avg", "nn")
+
+
+def _check_desc(desc: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
+    if not isinstance(desc, Tensor) or desc.dim() != 3:
+        raise ValueError(f"concept descriptors must be a (B, N, D) tensor, got {getattr(desc, 'shape', type(desc))}")
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(desc.shape[:2]):
+        raise ValueError(f"mask must be a bool tensor of shape (B, N) = {tuple(desc.shape[:2])}, got {getattr(mask, 'shape', mask)}")
+    if mask.device != desc.device:
+        raise ValueError(f"mask must be on the device of the descriptors ({desc.device}), got {mask.device}")
+    return mask
+
+
+class SetScorer(nn.Module):
+    """Base class: see the module docstring for the contract."""
+
+    name: str = "?"
+
+    def fit(self, desc: Tensor, mask: Optional[Tensor] = None, generators: Generators = None):
+        raise NotImplementedError
+
+    def score(self, state, queries: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def score_pool(self, state, pool: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class GMMScorer(SetScorer):
+    """Fit one diagonal Gaussian mixture per concept set (by :func:`s2m_ext.fit_gmm`) and score
+    by log-density. K = 1 is S2M-Gauss: a closed-form weighted mean and variance.
+
+    Args:
+        n_components: K (default 1).
+        n_iter: EM iterations for K > 1 (default 10); K = 1 needs a single M-step.
+        var_floor: added to every fitted variance (default 0.01, the paper's floor for a
+            fresh fit of L2-normalised descriptors).
+        init: ``"kmeans++"`` (the only initialisation for a fresh fit).
+
+    ``fit`` takes ``generators``: None (torch's global RNG), one torch.Generator for the
+    whole batch, or one per concept set. Per-set generators make each set's k-means++ draws
+    independent of how sets are batched (data-parallel training relies on it).
+    """
+
+    def __init__(self, n_components: int = 1, n_iter: int = 10, var_floor: float = 0.01, init: str = "kmeans++") -> None:
+        super().__init__()
+        if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
+            raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
+        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+            raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+        if not (isinstance(var_floor, (int, float)) and var_floor > 0):
+            raise ValueError(f"var_floor must be a number > 0 (log-densities need a floor), got {var_floor!r}")
+        if init != "kmeans++":
+            raise ValueError(f"init must be 'kmeans++', got {init!r}")
+        self.n_components = n_components
+        self.n_iter = n_iter
+        self.var_floor = float(var_floor)
+        self.init = init
+        self.name = "gauss" if n_components == 1 else f"gmm{n_components}"
+
+    def _initial(self, desc: Tensor, weights: Optional[Tensor], generators: Generators) -> Union[str, DiagGMM]:
+        """Initial parameters: constants (no autograd history) built by fit_gmm itself."""
+        batch, _, dims = desc.shape
+        if self.n_components == 1:
+            # The first M-step (responsibilities all 1) does not depend on the initial model:
+            # any valid one will do, and no random draw is spent.
+            zeros = desc.new_zeros(batch, 1, dims)
+            return DiagGMM(zeros[:, :, 0], zeros, torch.ones_like(zeros))
+        if generators is None or isinstance(generators, torch.Generator):
+            return "kmeans++"
+        if len(generators) != batch:
+            raise ValueError(f"generators must hold one torch.Generator per concept set ({batch}), got {len(generators)}")
+        with torch.no_grad():
+            parts = [
+                fit_gmm(
+                    desc[b : b + 1].detach(),
+                    None if weights is None else weights[b : b + 1],
+                    n_components=self.n_components,
+                    n_iter=0,
+                    var_floor=self.var_floor,
+                    generator=gen,
+                )
+                for b, gen in enumerate(generators)
+            ]
+        return DiagGMM(*(torch.cat(ts) for ts in zip(*(p.params() for p in parts))))
+
+    def fit(self, desc: Tensor, mask: Optional[Tensor] = None, generators: Generators = None) -> DiagGMM:
+        mask = _check_desc(desc, mask)
+        weights = None if mask is None else mask.to(desc.dtype)
+        init = self._initial(desc, weights, generators)
+        return fit_gmm(
+            desc,
+            weights,
+            n_components=self.n_components,
+            n_iter=1 if self.n_components == 1 else self.n_iter,
+            init=init,
+            var_floor=self.var_floor,
+            generator=generators if isinstance(generators, torch.Generator) else None,
+        )
+
+    def score(self, state: DiagGMM, queries: Tensor) -> Tensor:
+        return state.log_prob(queries)
+
+    def score_pool(self, state: DiagGMM, pool: Tensor) -> Tensor:
+        return state.log_prob_pool(pool)
+
+    def extra_repr(self) -> str:
+        return f"n_components={self.n_components}, n_iter={self.n_iter}, var_floor={self.var_floor}, init={self.init!r}"
+
+
+class AvgScorer(SetScorer):
+    """AVG: similarity (dot product) to the mean descriptor of the concept set, i.e. a
+    nearest-class-mean ranking (for unit descriptors it ranks like -||z - mean||^2)."""
+
+    name = "avg"
+
+    def fit(self, desc: Tensor, mask: Optional[Tensor] = None, generators: Generators = None) -> Tensor:
+        mask = _check_desc(desc, mask)
+        if mask is None:
+            return desc.mean(1)
+        w = mask.to(desc.dtype).unsqueeze(-1)
+        return (w * desc).sum(1) / w.sum(1).clamp_min(1.0)
+
+    def score(self, state: Tensor, queries: Tensor) -> Tensor:
+        return torch.einsum("bqd,bd->bq", queries, state)
+
+    def score_pool(self, state: Tensor, pool: Tensor) -> Tensor:
+        return state @ pool.transpose(0, 1)
+
+
+class NNScorer(SetScorer):
+    """NN: the largest similarity (dot product) to any example of the concept set."""
+
+    name = "nn"
+
+    def fit(
+        self, desc: Tensor, mask: Optional[Tensor] = None, generators: Generators = None
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        return desc, _check_desc(desc, mask)
+
+    @staticmethod
+    def _max(sims: Tensor, mask: Optional[Tensor]) -> Tensor:  # sims (B, N, Q)
+        if mask is not None:
+            sims = sims.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        return sims.amax(1)
+
+    def score(self, state, queries: Tensor) -> Tensor:
+        desc, mask = state
+        return self._max(torch.einsum("bnd,bqd->bnq", desc, queries), mask)
+
+    def score_pool(self, state, pool: Tensor) -> Tensor:
+        desc, mask = state
+        return self._max(torch.einsum("bnd,md->bnm", desc, pool), mask)
+
+
+def make_scorer(name: str, n_iter: int = 10, var_floor: float = 0.01) -> SetScorer:
+    """A scorer by name: ``gauss`` (S2M-Gauss), ``gmm2``..``gmm4`` (S2M-GMMk, or any
+    ``gmm<K>``), ``avg`` or ``nn``. ``n_iter`` and ``var_floor`` apply to the mixtures."""
+    if name == "gauss":
+        return GMMScorer(1, n_iter, var_floor)
+    match = re.fullmatch(r"gmm([1-9][0-9]*)", name)
+    if match:
+        return GMMScorer(int(match.group(1)), n_iter, var_floor)
+    if name == "avg":
+        return AvgScorer()
+    if name == "nn":
+        return NNScorer()
+    raise ValueError(f"unknown scorer {name!r}: expected one of {', '.join(SCORER_NAMES)} (or gmm<K>)")
+
+
+def display_name(name: str) -> str:
+    """The paper's name of a scorer trained end-to-end: S2M-Gauss, S2M-GMM2, AVG-FT, NN-FT."""
+    if name == "gauss":
+        return "S2M-Gauss"
+    if name.startswith("gmm"):
+        return "S2M-" + name.upper()
+    return name.upper() + "-FT"

@@ -1,0 +1,455 @@
+"""s2m-train: meta-train an embedding CNN with a Set2Model or baseline scorer.
+
+    s2m-train --data glyphs --scorer gauss --steps 2000 --out runs/gauss
+    s2m-train --data omniglot --data-root PATH --scorer gmm2 --noise 0.3 --out runs/gmm2
+    s2m-train --out runs/gauss --resume              # continue a killed run
+    torchrun --nproc_per_node=2 -m s2m_ext.train ...   # data-parallel (gloo on CPU, nccl on GPU)
+
+Each step draws ``--tuples`` (concept, relevant, irrelevant) tuples (the global batch; a
+data-parallel run gives each rank an equal share), scores the relevant and irrelevant
+images against the model fitted to the concept set and minimises the histogram loss.
+Tuples are a pure function of (seed, step, index) and the model's random initialisations
+are seeded per tuple, so a run is repeatable, a resumed run continues exactly, and P
+processes compute the same steps as one (up to the order of floating-point sums).
+
+Checkpoints (``<out>/last.pt``) are written every ``--checkpoint-minutes`` and at the end;
+``<out>/best.pt`` keeps the weights with the best validation mAP; ``<out>/log.jsonl``
+records the loss and validation mAP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .data import EpisodeSampler, load_splits
+from .data.base import mix_seed
+from .data.sources import DATA_SOURCES, data_config
+from .nn import HistogramLoss, build_model
+from .nn.checkpoint import load_checkpoint, save_checkpoint
+from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
+from .nn.scorers import SCORER_NAMES
+
+__all__ = ["TrainConfig", "train", "main", "validation_map"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (see ``s2m-train --help`` for each field)."""
+
+    # data
+    data: str = "glyphs"
+    data_root: Optional[str] = None
+    split_by: str = "character"
+    train_classes: int = 1000
+    val_classes: int = 100
+    test_classes: int = 200
+    per_class: int = 20
+    data_seed: int = 0
+    # episodes
+    tuples: int = 5
+    concept_size: int = 10
+    n_relevant: int = 10
+    n_irrelevant: int = 10
+    noise: float = 0.0
+    polysemy: float = 0.0
+    # model
+    scorer: str = "gauss"
+    dim: int = 64
+    width: int = 64
+    depth: int = 4
+    n_iter: int = 10
+    var_floor: float = 0.01
+    bins: int = 100
+    dtype: str = "float32"
+    init_from: Optional[str] = None
+    # optimisation
+    steps: int = 2000
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0
+    seed: int = 0
+    # bookkeeping (may change when a run is resumed)
+    out: str = "runs/s2m"
+    resume: Optional[str] = None
+    checkpoint_minutes: float = 5.0
+    checkpoint_every: int = 0
+    val_every: int = 200
+    val_seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    progress: bool = True
+    stop_after: int = 0
+
+
+#: Fields a resumed run may change; every other field must match the checkpoint.
+RUNTIME_FIELDS = {
+    "steps", "out", "resume", "checkpoint_minutes", "checkpoint_every", "val_every",
+    "device", "threads", "progress", "stop_after", "data_root",
+}
+
+
+def model_spec(cfg: TrainConfig) -> Dict[str, Any]:
+    return {
+        "scorer": cfg.scorer,
+        "embedding": {"in_channels": 1, "dim": cfg.dim, "width": cfg.width, "depth": cfg.depth},
+        "n_iter": cfg.n_iter,
+        "var_floor": cfg.var_floor,
+    }
+
+
+def data_spec(cfg: TrainConfig) -> Dict[str, Any]:
+    if cfg.data == "glyphs":
+        return data_config("glyphs", seed=cfg.data_seed, train_classes=cfg.train_classes, val_classes=cfg.val_classes,
+                           test_classes=cfg.test_classes, per_class=cfg.per_class)
+    return data_config("omniglot", root=cfg.data_root, seed=cfg.data_seed, split_by=cfg.split_by)
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.data not in DATA_SOURCES:
+        raise ValueError(f"--data must be one of {DATA_SOURCES}, got {cfg.data!r}")
+    if cfg.scorer not in SCORER_NAMES:
+        raise ValueError(f"--scorer must be one of {SCORER_NAMES}, got {cfg.scorer!r}")
+    if cfg.dtype not in ("float32", "float64"):
+        raise ValueError(f"--dtype must be float32 or float64, got {cfg.dtype!r}")
+    for name in ("tuples", "steps", "concept_size", "n_relevant", "n_irrelevant", "dim", "width", "depth", "val_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"--lr-schedule must be cosine or constant, got {cfg.lr_schedule!r}")
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0-based): constant, or cosine-annealed from
+    ``lr`` towards 0 over ``steps`` (a pure function of the step, so resuming needs no
+    scheduler state; resuming with another ``--steps`` reshapes the rest of the curve)."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.steps))
+
+
+# ----------------------------------------------------------------------------- distributed
+def _distributed() -> tuple:
+    """(rank, world_size, local_rank); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def default_threads(processes: int = 1) -> int:
+    """CPU threads per process when none are asked for: this process's share of the cores
+    that are idle now (cores minus the 1-minute load average), at least 1. A small CNN gains
+    little from threads, and oversubscribed cores make every op's thread sync ~10x slower."""
+    cores = os.cpu_count() or 1
+    try:
+        idle = cores - int(round(os.getloadavg()[0]))
+    except OSError:  # no load average on this platform
+        idle = cores
+    return max(1, min(cores, idle) // max(1, processes))
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+# ----------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validation_map(model, data, concept_size: int, seed: int, dtype: torch.dtype) -> float:
+    """mAP of the model's own scorer on ``data`` with clean concept sets (one seeded draw)."""
+    was_training = model.training
+    model.eval()
+    desc = embed_all(model, data.images, dtype=dtype)
+    gen = torch.Generator().manual_seed(mix_seed(seed, 7))
+    concepts = sample_concepts(data.labels, concept_size, 0.0, gen)
+    scores = retrieval_scores(model.scorer, desc, concepts.to(desc.device), gen)
+    model.train(was_training)
+    return float(retrieval_ap(scores.cpu(), data.labels, concepts).mean())
+
+
+# ----------------------------------------------------------------------------- training
+def _rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_embedding(model, path: str, embedding: Dict[str, Any]) -> None:
+    """Start from the embedding weights of another s2m-train checkpoint (fine-tuning, e.g.
+    S2M-GMM2 from S2M-Gauss); its embedding must be ``embedding``, this run's."""
+    source = load_checkpoint(path)
+    if source["model"]["embedding"] != embedding:
+        raise ValueError(f"--init-from {path}: its embedding {source['model']['embedding']} differs from this run's {embedding}")
+    weights = {k[len("embed."):]: v for k, v in source["state_dict"].items() if k.startswith("embed.")}
+    model.embed.load_state_dict(weights)
+
+
+def _resume_config(cfg: TrainConfig, explicit: Sequence[str], saved: Dict[str, Any]) -> TrainConfig:
+    """The saved run's config with the runtime fields given on the command line; a
+    training-defining field given with another value is an error."""
+    merged = TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    merged.stop_after = cfg.stop_after  # a simulated kill is never inherited
+    conflicts = []
+    for name in explicit:
+        value = getattr(cfg, name)
+        if name in RUNTIME_FIELDS:
+            setattr(merged, name, value)
+        elif value != saved.get(name):
+            conflicts.append(f"--{name.replace('_', '-')} {value!r} (the run used {saved.get(name)!r})")
+    if conflicts:
+        raise ValueError("cannot resume with different training settings: " + "; ".join(conflicts))
+    return merged
+
+
+def train(cfg: TrainConfig, explicit: Sequence[str] = ()) -> Dict[str, Any]:
+    """Run (or resume) a training run; returns a summary dict (steps done, last loss, best
+    validation mAP, checkpoint paths, the model). ``explicit`` names the fields the user set
+    (when resuming, only those override the checkpoint's config). torch's CPU thread count
+    is set for the run and restored afterwards."""
+    threads_before = torch.get_num_threads()
+    try:
+        return _train(cfg, explicit)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(cfg: TrainConfig, explicit: Sequence[str]) -> Dict[str, Any]:
+    rank, world, local_rank = _distributed()
+    resume_payload = None
+    if cfg.resume:
+        path = Path(cfg.out) / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
+        resume_payload = load_checkpoint(path)
+        cfg = _resume_config(cfg, explicit, resume_payload["config"])
+        cfg.resume = str(path)
+    _check_config(cfg)
+    if cfg.tuples % world:
+        raise ValueError(f"--tuples ({cfg.tuples}) must be divisible by the number of processes ({world})")
+    threads = cfg.threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    torch.set_num_threads(threads)
+    device = _device(cfg, local_rank)
+    dtype = getattr(torch, cfg.dtype)
+
+    splits = load_splits(data_spec(cfg), which=("train", "val"))
+    train_data, val_data = splits["train"], splits["val"]
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.scorer, model_spec(cfg)["embedding"], cfg.n_iter, cfg.var_floor).to(device, dtype)
+    if cfg.init_from and resume_payload is None:
+        _load_embedding(model, cfg.init_from, model_spec(cfg)["embedding"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, history, val_history, best_val, elapsed_before = 0, [], [], -math.inf, 0.0
+    if resume_payload is not None:
+        model.load_state_dict(resume_payload["state_dict"])
+        optimizer.load_state_dict(resume_payload["optimizer"])
+        step = int(resume_payload["step"])
+        history, val_history = list(resume_payload["history"]), list(resume_payload["val_history"])
+        best_val = float(resume_payload["best_val"])
+        elapsed_before = float(resume_payload.get("elapsed_s", 0.0))
+        _set_rng_state(resume_payload["rng"])
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = EpisodeSampler(train_data, cfg.concept_size, cfg.n_relevant, cfg.n_irrelevant, cfg.noise, cfg.polysemy, cfg.seed)
+    loss_fn = HistogramLoss(cfg.bins)
+    local = cfg.tuples // world
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def payload(current_step: int) -> Dict[str, Any]:
+        return {
+            "config": dataclasses.asdict(cfg),
+            "model": model_spec(cfg),
+            "data": data_spec(cfg),
+            "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": current_step,
+            "rng": _rng_state(),
+            "history": history,
+            "val_history": val_history,
+            "best_val": best_val,
+            "world_size": world,
+            "elapsed_s": elapsed_before + time.monotonic() - started,
+        }
+
+    def log(record: Dict[str, Any]) -> None:
+        with open(out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    bar = None
+    if rank == 0 and cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"s2m-train {cfg.scorer}", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    started = last_save = time.monotonic()
+    if rank == 0:
+        log({"event": "resume" if resume_payload is not None else "start", "step": step, "world_size": world,
+             "threads": threads, "config": dataclasses.asdict(cfg)})
+    model.train()
+    ema = None
+    while step < cfg.steps:
+        batch = sampler.batch(step, rank * local, (rank + 1) * local)
+        concept, queries = batch.images(train_data, dtype, device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        scores = net(concept, queries, generators=batch.generators())
+        loss = loss_fn(scores[:, : cfg.n_relevant], scores[:, cfg.n_relevant :])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        step_loss = loss.detach()
+        if world > 1:  # for the log only: the mean over the global batch
+            dist.all_reduce(step_loss)
+            step_loss /= world
+        history.append(float(step_loss))
+        ema = history[-1] if ema is None else 0.98 * ema + 0.02 * history[-1]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.4f}", val_mAP=f"{val_history[-1]['map']:.3f}" if val_history else "-")
+        last = step == cfg.steps
+        if rank == 0 and (step % cfg.val_every == 0 or last):
+            val_map = validation_map(model, val_data, cfg.concept_size, cfg.val_seed, dtype)
+            val_history.append({"step": step, "map": val_map})
+            recent = history[-cfg.val_every :]
+            log({"event": "val", "step": step, "loss": sum(recent) / len(recent), "val_map": val_map,
+                 "elapsed_s": round(elapsed_before + time.monotonic() - started, 1)})
+            if val_map > best_val:
+                best_val = val_map
+                save_checkpoint(out / "best.pt", payload(step))
+        if cfg.stop_after and step >= cfg.stop_after and not last:
+            # Simulates a killed run (for tests): leave without the final checkpoint.
+            if bar is not None:
+                bar.close()
+            return {"step": step, "interrupted": True, "history": history}
+        due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
+            time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes
+        )
+        if rank == 0 and (due or last):
+            save_checkpoint(out / "last.pt", payload(step))
+            last_save = time.monotonic()
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        log({"event": "end", "step": step, "best_val_map": best_val,
+             "elapsed_s": round(elapsed_before + time.monotonic() - started, 1)})
+    if world > 1:
+        dist.barrier()
+    return {
+        "step": step,
+        "interrupted": False,
+        "history": history,
+        "val_history": val_history,
+        "best_val": best_val,
+        "last": str(out / "last.pt"),
+        "best": str(out / "best.pt"),
+        "model": model,
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="s2m-train",
+        description="Meta-train an embedding CNN with a Set2Model (gauss, gmm2..4) or baseline (avg, nn) scorer "
+        "and the histogram loss.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", choices=DATA_SOURCES, help=f"data source (default {d.data}: built-in glyphs, no download)")
+    g.add_argument("--data-root", help="Omniglot folder or zip (default: $S2M_OMNIGLOT_ROOT, ../shared/data/omniglot)")
+    g.add_argument("--split-by", choices=("character", "alphabet"), help=f"Omniglot split (default {d.split_by})")
+    g.add_argument("--train-classes", type=int, help=f"glyph training classes (default {d.train_classes})")
+    g.add_argument("--val-classes", type=int, help=f"glyph validation classes (default {d.val_classes})")
+    g.add_argument("--test-classes", type=int, help=f"glyph test classes (default {d.test_classes})")
+    g.add_argument("--per-class", type=int, help=f"glyph instances per class (default {d.per_class})")
+    g.add_argument("--data-seed", type=int, help=f"glyph world seed / Omniglot split seed (default {d.data_seed})")
+    g = p.add_argument_group("episodes")
+    g.add_argument("--tuples", type=int, help=f"tuples per step, the global batch (default {d.tuples})")
+    g.add_argument("--concept-size", type=int, help=f"concept set size N (default {d.concept_size})")
+    g.add_argument("--n-relevant", type=int, help=f"relevant items per tuple (default {d.n_relevant})")
+    g.add_argument("--n-irrelevant", type=int, help=f"irrelevant items per tuple (default {d.n_irrelevant})")
+    g.add_argument("--noise", type=float, help=f"fraction of each concept set from other classes (default {d.noise})")
+    g.add_argument("--polysemy", type=float, help=f"probability of a two-class concept (default {d.polysemy})")
+    g = p.add_argument_group("model")
+    g.add_argument("--scorer", choices=SCORER_NAMES, help=f"scorer trained end-to-end (default {d.scorer})")
+    g.add_argument("--dim", type=int, help=f"descriptor size (default {d.dim})")
+    g.add_argument("--width", type=int, help=f"CNN channels (default {d.width})")
+    g.add_argument("--depth", type=int, help=f"CNN blocks (default {d.depth})")
+    g.add_argument("--n-iter", type=int, help=f"EM iterations of the mixtures (default {d.n_iter})")
+    g.add_argument("--var-floor", type=float, help=f"variance floor of the Gaussians (default {d.var_floor})")
+    g.add_argument("--bins", type=int, help=f"histogram loss bins (default {d.bins})")
+    g.add_argument("--dtype", choices=("float32", "float64"), help=f"parameter dtype (default {d.dtype})")
+    g.add_argument("--init-from", help="start from the embedding of another s2m-train checkpoint (fine-tuning)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help=f"total training steps (default {d.steps})")
+    g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    g.add_argument("--lr-schedule", choices=("cosine", "constant"), help=f"learning-rate schedule (default {d.lr_schedule})")
+    g.add_argument("--weight-decay", type=float, help=f"Adam weight decay (default {d.weight_decay})")
+    g.add_argument("--seed", type=int, help=f"seed of the weights and the episodes (default {d.seed})")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help=f"output folder (default {d.out})")
+    g.add_argument("--resume", nargs="?", const="auto",
+                   help="continue from a checkpoint (default <out>/last.pt); the saved settings are used")
+    g.add_argument("--checkpoint-minutes", type=float, help=f"minutes between checkpoints (default {d.checkpoint_minutes})")
+    g.add_argument("--checkpoint-every", type=int, help="also checkpoint every this many steps (default 0: off)")
+    g.add_argument("--val-every", type=int, help=f"steps between validation mAPs (default {d.val_every})")
+    g.add_argument("--device", help="cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--threads", type=int, help="CPU threads (default: the idle cores / local processes, at least 1)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill after this step
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    cfg = TrainConfig(**args)
+    try:
+        summary = train(cfg, explicit=list(args))
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"s2m-train: error: {exc}\n")
+    if int(os.environ.get("RANK", "0")) == 0:
+        if summary["interrupted"]:
+            print(f"s2m-train: stopped after step {summary['step']} (no final checkpoint)")
+        else:
+            print(f"s2m-train: {summary['step']} steps, final loss {summary['history'][-1]:.4f}, "
+                  f"best validation mAP {summary['best_val']:.4f}; checkpoint {summary['last']}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

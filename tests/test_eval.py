@@ -1,0 +1,186 @@
+"""The retrieval protocol (AP, concept sampling) and s2m-eval, including its error messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from s2m_ext.eval import confidence_interval, main
+from s2m_ext.nn import AvgScorer, average_precision
+from s2m_ext.nn.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from s2m_ext.nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
+from s2m_ext.train import TrainConfig, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two tiny trained runs: S2M-GMM2 and AVG-FT."""
+    root = tmp_path_factory.mktemp("eval")
+    paths = {}
+    for scorer in ("gmm2", "avg"):
+        cfg = TrainConfig(data="glyphs", train_classes=20, val_classes=5, test_classes=8, per_class=20, tuples=4,
+                          width=8, depth=2, dim=8, steps=3, val_every=1000, threads=1, progress=False,
+                          scorer=scorer, out=str(root / scorer))
+        train(cfg)
+        paths[scorer] = root / scorer / "last.pt"
+    return paths
+
+
+# ----------------------------------------------------------------------------- protocol
+def test_average_precision_matches_sklearn():
+    sklearn = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    relevant = torch.rand(6, 40, generator=g) < 0.3
+    relevant[:, 0] = True
+    got = average_precision(scores, relevant)
+    for b in range(6):
+        want = sklearn.average_precision_score(relevant[b].numpy(), scores[b].numpy())
+        assert got[b].item() == pytest.approx(want, abs=1e-12)
+
+
+def test_average_precision_ignores_excluded_items():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(3, 30, generator=g, dtype=torch.float64)
+    relevant = torch.rand(3, 30, generator=g) < 0.4
+    relevant[:, :2] = True
+    valid = torch.ones(3, 30, dtype=torch.bool)
+    valid[:, 10:15] = False
+    scores_hi = scores.clone()
+    scores_hi[:, 10:15] = 100.0  # excluded items must not count, however high they score
+    got = average_precision(scores_hi, relevant, valid)
+    keep = torch.cat([torch.arange(10), torch.arange(15, 30)])
+    torch.testing.assert_close(got, average_precision(scores[:, keep], relevant[:, keep]))
+    assert average_precision(torch.tensor([[3.0, 2.0, 1.0]]), torch.tensor([[True, False, True]])).item() == pytest.approx((1 + 2 / 3) / 2)
+    with pytest.raises(ValueError, match="at least one relevant"):
+        average_precision(scores, torch.zeros(3, 30, dtype=torch.bool))
+
+
+def test_sample_concepts_and_retrieval_ap():
+    labels = torch.arange(5).repeat_interleave(6)
+    concepts = sample_concepts(labels, 4, 0.5, torch.Generator().manual_seed(0))
+    assert concepts.shape == (5, 4)
+    for c in range(5):
+        assert (labels[concepts[c, :2]] == c).all() and (labels[concepts[c, 2:]] != c).all()
+    # Perfect descriptors (one-hot by class) rank every relevant item first: AP = 1 for all.
+    desc = torch.nn.functional.one_hot(labels, 5).double()
+    clean = sample_concepts(labels, 3, 0.0, torch.Generator().manual_seed(0))
+    ap = retrieval_ap(retrieval_scores(AvgScorer(), desc, clean), labels, clean)
+    torch.testing.assert_close(ap, torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="leaves none to retrieve"):
+        sample_concepts(labels, 6, 0.0, torch.Generator())
+
+
+def test_confidence_interval():
+    lo, hi = confidence_interval([1.0, 2.0, 3.0])
+    assert (lo + hi) / 2 == pytest.approx(2.0) and hi - lo == pytest.approx(2 * 4.302653 * 1 / 3**0.5, rel=1e-5)
+    assert confidence_interval([0.5]) == (0.5, 0.5)
+
+
+# ----------------------------------------------------------------------------- s2m-eval
+def test_eval_table_json_and_figure(tmp_path, checkpoints, capsys):
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    code = main([f"{checkpoints['gmm2']}", f"AVG-FT={checkpoints['avg']}", "--scorers", "own", "gauss",
+                 "--noise", "0", "0.3", "--seeds", "2", "--json", str(out_json), "--png", str(out_png), "--threads", "1"])
+    assert code == 0
+    table = capsys.readouterr().out
+    for label in ("S2M-GMM2", "Gauss on S2M-GMM2", "AVG-FT", "Gauss on AVG-FT", "mAP, noise 0.3"):
+        assert label in table
+    result = json.loads(out_json.read_text())
+    assert [r["label"] for r in result["rows"]] == ["S2M-GMM2", "Gauss on S2M-GMM2", "AVG-FT", "Gauss on AVG-FT"]
+    assert result["settings"]["n_classes"] == 8
+    for row in result["rows"]:
+        for cell in row["noise"].values():
+            assert 0.0 < cell["map"] <= 1.0 and cell["ci95"][0] <= cell["map"] <= cell["ci95"][1]
+            assert cell["ci_over"] == "2 concept-set draws" and len(cell["raw"][0]) == 2
+    assert out_png.stat().st_size > 10_000
+
+
+def test_eval_agrees_with_the_protocol_by_hand(tmp_path, checkpoints):
+    main([f"{checkpoints['avg']}", "--noise", "0", "--seeds", "1", "--json", str(tmp_path / "r.json")])
+    got = json.loads((tmp_path / "r.json").read_text())["rows"][0]["noise"]["0.0"]["map"]
+    from s2m_ext.data import make_glyphs
+    from s2m_ext.data.base import mix_seed
+
+    model = model_from_checkpoint(load_checkpoint(checkpoints["avg"])).eval()
+    test = make_glyphs("test", 8, 20, 0)
+    concepts = sample_concepts(test.labels, 10, 0.0, torch.Generator().manual_seed(mix_seed(0, 0)))
+    desc = embed_all(model, test.images)
+    want = retrieval_ap(retrieval_scores(model.scorer, desc, concepts), test.labels, concepts).mean().item()
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_eval_on_a_bad_path_fails_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / "missing.pt")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "s2m-eval: error: checkpoint" in err and "missing.pt" in err and "does not exist" in err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_eval_on_a_checkpoint_of_another_model_fails_clearly(tmp_path, checkpoints, capsys):
+    foreign = tmp_path / "resnet.pt"
+    torch.save(torch.nn.Linear(3, 2).state_dict(), foreign)
+    with pytest.raises(SystemExit) as info:
+        main([str(foreign)])
+    assert info.value.code == 2
+    assert "is not an s2m_ext Set2Model checkpoint" in capsys.readouterr().err
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a torch file")
+    with pytest.raises(SystemExit):
+        main([str(garbage)])
+    assert "is not a checkpoint torch can read" in capsys.readouterr().err
+
+    # Our format, but the weights belong to another architecture than the one declared.
+    payload = load_checkpoint(checkpoints["avg"])
+    payload["model"]["embedding"]["width"] = 16
+    tampered = tmp_path / "tampered.pt"
+    save_checkpoint(tampered, {k: v for k, v in payload.items() if k not in ("format", "version")})
+    with pytest.raises(SystemExit):
+        main([str(tampered)])
+    assert "weights do not fit the model it describes" in capsys.readouterr().err
+
+
+def test_eval_rejects_bad_options(tmp_path, checkpoints, capsys):
+    with pytest.raises(SystemExit):
+        main([str(checkpoints["avg"]), "--scorers", "svm"])
+    assert "unknown scorer 'svm'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(checkpoints["avg"]), "--data-root", str(tmp_path)])
+    assert "--data-root applies to Omniglot" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(checkpoints["avg"]), "--data", "omniglot", "--data-root", str(tmp_path / "none")])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_paired_differences(tmp_path, checkpoints, capsys):
+    out_json = tmp_path / "r.json"
+    main([f"{checkpoints['gmm2']}", f"AVG-FT={checkpoints['avg']}", "--noise", "0", "--seeds", "3",
+          "--compare-to", "AVG-FT", "--json", str(out_json), "--threads", "1"])
+    assert "minus AVG-FT" in capsys.readouterr().out
+    result = json.loads(out_json.read_text())
+    rows = {r["label"]: r["noise"]["0.0"] for r in result["rows"]}
+    (diff,) = result["paired"]
+    cell = diff["noise"]["0.0"]
+    # One run per label: paired by concept draw (the same concept sets for both models).
+    want = [a - b for a, b in zip(rows["S2M-GMM2"]["raw"][0], rows["AVG-FT"]["raw"][0])]
+    assert cell["paired"] == pytest.approx(want, abs=1e-15)
+    assert cell["diff"] == pytest.approx(rows["S2M-GMM2"]["map"] - rows["AVG-FT"]["map"], abs=1e-12)
+    assert cell["ci95"][0] <= cell["diff"] <= cell["ci95"][1]
+    with pytest.raises(SystemExit):
+        main([f"{checkpoints['avg']}", "--noise", "0", "--seeds", "1", "--compare-to", "S2M-Gauss"])
+    assert "is not a row label" in capsys.readouterr().err

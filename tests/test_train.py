@@ -1,0 +1,174 @@
+"""s2m-train: a tiny run learns, resume is exact, 2-process gloo DDP equals 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from s2m_ext.data import EpisodeSampler, make_glyphs
+from s2m_ext.nn import HistogramLoss, build_model
+from s2m_ext.nn.checkpoint import load_checkpoint
+from s2m_ext.train import TrainConfig, main, model_spec, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(tmp_path, name: str, **kw) -> TrainConfig:
+    base = dict(
+        data="glyphs", train_classes=24, val_classes=6, test_classes=6, per_class=20, tuples=4,
+        width=8, depth=2, dim=8, steps=6, val_every=1000, threads=1, progress=False,
+        checkpoint_minutes=1e6, out=str(tmp_path / name),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def held_out_loss(model, cfg: TrainConfig) -> float:
+    """Histogram loss on 24 fixed tuples the run never trains on (another sampler seed)."""
+    data = make_glyphs("train", cfg.train_classes, cfg.per_class, cfg.data_seed)
+    batch = EpisodeSampler(data, seed=12345).batch(0, 0, 24)
+    concept, queries = batch.images(data, getattr(torch, cfg.dtype))
+    with torch.no_grad():
+        scores = model(concept, queries, generators=batch.generators())
+    return float(HistogramLoss(cfg.bins)(scores[:, : cfg.n_relevant], scores[:, cfg.n_relevant :]))
+
+
+@pytest.mark.parametrize("scorer", ["gauss", "gmm2", "avg"])
+def test_tiny_training_lowers_the_loss(tmp_path, scorer):
+    cfg = tiny(tmp_path, scorer, scorer=scorer, steps=40, lr=3e-3)
+    torch.manual_seed(cfg.seed)  # the initial weights train() starts from
+    initial = build_model(scorer, model_spec(cfg)["embedding"], cfg.n_iter, cfg.var_floor)
+    before = held_out_loss(initial, cfg)
+    summary = train(cfg)
+    after = held_out_loss(summary["model"], cfg)
+    assert after < 0.8 * before, (before, after)
+    assert summary["step"] == 40 and len(summary["history"]) == 40
+    log = [json.loads(line) for line in open(tmp_path / scorer / "log.jsonl")]
+    assert log[0]["event"] == "start" and log[-1]["event"] == "end"
+    assert any(r["event"] == "val" and 0.0 < r["val_map"] <= 1.0 for r in log)
+
+
+def test_resume_after_interruption_is_exact(tmp_path):
+    straight = train(tiny(tmp_path, "straight", scorer="gmm2", steps=7, checkpoint_every=3))
+    # The same run killed after step 5: its last checkpoint is at step 3.
+    cut = tiny(tmp_path, "cut", scorer="gmm2", steps=7, checkpoint_every=3, stop_after=5)
+    assert train(cut)["interrupted"]
+    saved = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert saved["step"] == 3 and len(saved["history"]) == 3
+    resumed = train(replace(cut, stop_after=0, resume="auto"), explicit=["resume", "out"])
+    assert resumed["step"] == 7
+    assert resumed["history"] == straight["history"]  # steps 4..7 recomputed, none lost or repeated
+    final_a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    final_b = load_checkpoint(tmp_path / "cut" / "last.pt")
+    for key, value in final_a["state_dict"].items():
+        assert torch.equal(value, final_b["state_dict"][key]), key
+    assert final_b["step"] == 7
+    events = [(r["event"], r["step"]) for r in map(json.loads, open(tmp_path / "cut" / "log.jsonl"))]
+    assert events == [("start", 0), ("resume", 3), ("val", 7), ("end", 7)]
+    # A finished run resumed with more steps continues from where it ended.
+    longer = train(replace(cut, stop_after=0, resume="auto", steps=9), explicit=["resume", "out", "steps"])
+    assert longer["step"] == 9 and longer["history"][:7] == straight["history"]
+
+
+def test_resume_refuses_changed_training_settings(tmp_path):
+    cfg = tiny(tmp_path, "run", steps=2)
+    train(cfg)
+    with pytest.raises(ValueError, match=r"--lr 0\.5 \(the run used 0\.001\)"):
+        train(replace(cfg, resume="auto", lr=0.5), explicit=["resume", "out", "lr"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(replace(cfg, resume=str(tmp_path / "nothing.pt")), explicit=["resume"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    train(cfg)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("scorer", ["gmm2"])
+def test_two_process_gloo_ddp_matches_one_process(tmp_path, scorer):
+    # float64 so that the only difference, the order of the gradient sums across ranks,
+    # stays at the 1e-16 level; 4 steps of Adam keep it far below the tolerance.
+    common = dict(scorer=scorer, steps=4, tuples=4, dtype="float64", checkpoint_every=4)
+    single = train(tiny(tmp_path, "one", **common))
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), tiny(tmp_path, "two", **common)), nprocs=2,
+                       start_method="spawn", join=True)
+    one = load_checkpoint(tmp_path / "one" / "last.pt")
+    two = load_checkpoint(tmp_path / "two" / "last.pt")
+    assert two["world_size"] == 2 and one["world_size"] == 1 and two["step"] == 4
+    for key, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-9, atol=1e-12, msg=key)
+    # The logged loss is the mean over the global batch in both runs.
+    torch.testing.assert_close(torch.tensor(two["history"]), torch.tensor(single["history"]), rtol=1e-9, atol=1e-12)
+
+
+def test_cli_reports_bad_settings(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--data", "omniglot", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert info.value.code == 2
+    assert "Omniglot data root" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--scorer", "svm"])
+    with pytest.raises(SystemExit) as info:
+        main(["--tuples", "0", "--out", str(tmp_path / "o"), "--no-progress"])
+    assert "--tuples must be >= 1" in capsys.readouterr().err
+
+
+def test_torchrun_command_line_matches_one_process(tmp_path):
+    # The documented entry point: torchrun --nproc_per_node=2 -m s2m_ext.train ... (gloo on CPU).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["--train-classes", "24", "--val-classes", "6", "--tuples", "4", "--width", "8", "--depth", "2",
+            "--dim", "8", "--steps", "3", "--dtype", "float64", "--scorer", "gauss", "--threads", "1", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "-m", "s2m_ext.train", *args, "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = load_checkpoint(tmp_path / "one" / "last.pt")
+    two = load_checkpoint(tmp_path / "two" / "last.pt")
+    assert two["world_size"] == 2 and two["step"] == 3
+    for key, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][key], value, rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_init_from_starts_from_another_runs_embedding(tmp_path):
+    source = train(tiny(tmp_path, "gauss", scorer="gauss", steps=3))
+    # One step at a negligible learning rate: the weights are the source's (Adam moves each by ~lr).
+    tuned = train(tiny(tmp_path, "gmm2", scorer="gmm2", steps=1, lr=1e-12, init_from=source["last"]))
+    for key, value in source["model"].embed.state_dict().items():
+        torch.testing.assert_close(tuned["model"].embed.state_dict()[key], value, rtol=0, atol=1e-10, msg=key)
+    with pytest.raises(ValueError, match="--init-from .* differs from this run's"):
+        train(tiny(tmp_path, "wide", scorer="gmm2", steps=1, width=16, init_from=source["last"]))
+
+
+def test_default_threads_stay_within_the_cores():
+    from s2m_ext.train import default_threads
+
+    cores = os.cpu_count() or 1
+    assert 1 <= default_threads() <= cores
+    assert default_threads(processes=4 * cores) == 1  # never 0, however many processes share the cores
