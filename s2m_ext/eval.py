@@ -149,6 +149,7 @@ def evaluate(
                     name,
                     n_iter=spec.get("n_iter", 10) if n_iter is None else n_iter,
                     var_floor=spec.get("var_floor", 0.01) if var_floor is None else var_floor,
+                    tol=spec.get("tol", 0.0),
                 )
                 for nz in noise:
                     maps = []

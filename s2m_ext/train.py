@@ -36,10 +36,11 @@ import torch.distributed as dist
 from .data import EpisodeSampler, load_splits
 from .data.base import mix_seed
 from .data.sources import DATA_SOURCES, data_config
-from .nn import HistogramLoss, build_model
+from .nn import HistogramLoss, model_from_spec
 from .nn.checkpoint import load_checkpoint, save_checkpoint
 from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
-from .nn.scorers import SCORER_NAMES
+from .implicit import SOLVERS
+from .nn.scorers import BACKWARDS, SCORER_NAMES
 
 __all__ = ["TrainConfig", "train", "main", "validation_map"]
 
@@ -71,6 +72,9 @@ class TrainConfig:
     depth: int = 4
     n_iter: int = 10
     var_floor: float = 0.01
+    tol: float = 0.0
+    backward: str = "unrolled"
+    implicit_solver: str = "gmres"
     bins: int = 100
     dtype: str = "float32"
     init_from: Optional[str] = None
@@ -106,6 +110,9 @@ def model_spec(cfg: TrainConfig) -> Dict[str, Any]:
         "embedding": {"in_channels": 1, "dim": cfg.dim, "width": cfg.width, "depth": cfg.depth},
         "n_iter": cfg.n_iter,
         "var_floor": cfg.var_floor,
+        "tol": cfg.tol,
+        "backward": cfg.backward,
+        "implicit_solver": cfg.implicit_solver,
     }
 
 
@@ -121,6 +128,12 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--data must be one of {DATA_SOURCES}, got {cfg.data!r}")
     if cfg.scorer not in SCORER_NAMES:
         raise ValueError(f"--scorer must be one of {SCORER_NAMES}, got {cfg.scorer!r}")
+    if cfg.backward not in BACKWARDS:
+        raise ValueError(f"--backward must be one of {BACKWARDS}, got {cfg.backward!r}")
+    if cfg.implicit_solver not in SOLVERS:
+        raise ValueError(f"--implicit-solver must be one of {SOLVERS}, got {cfg.implicit_solver!r}")
+    if not cfg.tol >= 0:
+        raise ValueError(f"--tol must be >= 0, got {cfg.tol}")
     if cfg.dtype not in ("float32", "float64"):
         raise ValueError(f"--dtype must be float32 or float64, got {cfg.dtype!r}")
     for name in ("tuples", "steps", "concept_size", "n_relevant", "n_irrelevant", "dim", "width", "depth", "val_every"):
@@ -260,7 +273,7 @@ def _train(cfg: TrainConfig, explicit: Sequence[str]) -> Dict[str, Any]:
     splits = load_splits(data_spec(cfg), which=("train", "val"))
     train_data, val_data = splits["train"], splits["val"]
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.scorer, model_spec(cfg)["embedding"], cfg.n_iter, cfg.var_floor).to(device, dtype)
+    model = model_from_spec(model_spec(cfg)).to(device, dtype)
     if cfg.init_from and resume_payload is None:
         _load_embedding(model, cfg.init_from, model_spec(cfg)["embedding"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -409,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--depth", type=int, help=f"CNN blocks (default {d.depth})")
     g.add_argument("--n-iter", type=int, help=f"EM iterations of the mixtures (default {d.n_iter})")
     g.add_argument("--var-floor", type=float, help=f"variance floor of the Gaussians (default {d.var_floor})")
+    g.add_argument("--tol", type=float, help=f"per-set EM stopping tolerance, 0 = always --n-iter (default {d.tol})")
+    g.add_argument("--backward", choices=BACKWARDS,
+                   help=f"gradient of the fit: the unrolled iterations or the implicit one of the optimum (default {d.backward})")
+    g.add_argument("--implicit-solver", choices=SOLVERS,
+                   help=f"adjoint solver of --backward implicit (default {d.implicit_solver}: far fewer failed solves "
+                        "than fixed_point where EM converges slowly)")
     g.add_argument("--bins", type=int, help=f"histogram loss bins (default {d.bins})")
     g.add_argument("--dtype", choices=("float32", "float64"), help=f"parameter dtype (default {d.dtype})")
     g.add_argument("--init-from", help="start from the embedding of another s2m-train checkpoint (fine-tuning)")

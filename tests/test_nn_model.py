@@ -178,6 +178,35 @@ def test_gmm_gradients_equal_autograd_through_reference_em(k):
     torch.testing.assert_close(gz, rz, rtol=1e-8, atol=1e-10)
 
 
+def test_implicit_backward_equals_unrolled_at_convergence():
+    # Fitted to convergence, the gradient of the optimum (implicit) equals the gradient of
+    # the iterations that reached it (unrolled): s2m_ext.implicit's contract, here through
+    # the scorer's generators, masks and scores.
+    x = desc(3, 12, 4).requires_grad_()
+    z = desc(3, 5, 4, seed=1)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[1, 9:] = False
+    w = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads = {}
+    for backward in ("unrolled", "implicit"):
+        scorer = GMMScorer(2, n_iter=400, var_floor=0.01, tol=1e-13, backward=backward)
+        gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+        state = scorer.fit(x, mask, generators=gens)
+        assert bool(state.converged.all())
+        (grads[backward],) = torch.autograd.grad((scorer.score(state, z) * w).sum(), x)
+    torch.testing.assert_close(grads["implicit"], grads["unrolled"], rtol=1e-6, atol=1e-9)
+    assert grads["implicit"][1, 9:].abs().max() == 0  # padded items get no gradient
+
+
+def test_gmm_scorer_rejects_bad_settings():
+    with pytest.raises(ValueError, match="backward must be one of"):
+        GMMScorer(2, backward="exact")
+    with pytest.raises(ValueError, match="tol must be a number >= 0"):
+        GMMScorer(2, tol=-1.0)
+    scorer = make_scorer("gmm3", n_iter=50, tol=1e-4, backward="implicit")
+    assert (scorer.n_iter, scorer.tol, scorer.backward) == (50, 1e-4, "implicit")
+
+
 def test_forward_equals_embed_fit_score():
     torch.manual_seed(0)
     model = Set2Model(tiny_embed(), n_components=2, n_iter=4).double()

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from s2m_ext import ImplicitBackward
 from s2m_ext.data import EpisodeSampler, make_glyphs
 from s2m_ext.nn import HistogramLoss, build_model
-from s2m_ext.nn.checkpoint import load_checkpoint
+from s2m_ext.nn.checkpoint import load_checkpoint, model_from_checkpoint
 from s2m_ext.train import TrainConfig, main, model_spec, train
 
 
@@ -58,6 +59,17 @@ def test_tiny_training_lowers_the_loss(tmp_path, scorer):
     log = [json.loads(line) for line in open(tmp_path / scorer / "log.jsonl")]
     assert log[0]["event"] == "start" and log[-1]["event"] == "end"
     assert any(r["event"] == "val" and 0.0 < r["val_map"] <= 1.0 for r in log)
+
+
+def test_implicit_backward_trains_and_round_trips_through_the_checkpoint(tmp_path):
+    cfg = tiny(tmp_path, "implicit", scorer="gmm2", steps=40, lr=3e-3, n_iter=50, tol=1e-4, backward="implicit")
+    torch.manual_seed(cfg.seed)
+    before = held_out_loss(build_model("gmm2", model_spec(cfg)["embedding"], cfg.n_iter, cfg.var_floor), cfg)
+    summary = train(cfg)
+    assert held_out_loss(summary["model"], cfg) < 0.8 * before
+    rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "implicit" / "last.pt")).scorer
+    assert (rebuilt.n_iter, rebuilt.tol) == (50, 1e-4)
+    assert rebuilt.backward == ImplicitBackward(solver=cfg.implicit_solver)
 
 
 def test_resume_after_interruption_is_exact(tmp_path):

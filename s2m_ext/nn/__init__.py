@@ -11,7 +11,7 @@ scorer (:func:`make_scorer`) on any embedding via :class:`ConceptModel`.
 
 from .embedding import ConvEmbedding
 from .loss import HistogramLoss, histogram_loss
-from .model import AvgModel, ConceptModel, NNModel, Set2Model, build_model
+from .model import AvgModel, ConceptModel, NNModel, Set2Model, build_model, model_from_spec
 from .retrieval import average_precision, retrieval_scores
 from .scorers import SCORER_NAMES, AvgScorer, GMMScorer, NNScorer, SetScorer, display_name, make_scorer
 
@@ -29,6 +29,7 @@ __all__ = [
     "SetScorer",
     "average_precision",
     "build_model",
+    "model_from_spec",
     "display_name",
     "histogram_loss",
     "make_scorer",

@@ -15,7 +15,7 @@ from typing import Any, Dict
 
 import torch
 
-from .model import ConceptModel, build_model
+from .model import ConceptModel, model_from_spec
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
 
@@ -65,7 +65,7 @@ def model_from_checkpoint(payload: Dict[str, Any]) -> ConceptModel:
     if not isinstance(spec, dict) or "scorer" not in spec or "embedding" not in spec:
         raise CheckpointError("the checkpoint has no model description ('model' with 'scorer' and 'embedding')")
     try:
-        model = build_model(spec["scorer"], spec["embedding"], spec.get("n_iter", 10), spec.get("var_floor", 0.01))
+        model = model_from_spec(spec)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the checkpoint describes a model this s2m_ext cannot build: {exc}") from exc
     state = payload.get("state_dict")

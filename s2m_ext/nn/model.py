@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..implicit import ImplicitBackward
 from .scorers import AvgScorer, Generators, GMMScorer, NNScorer, SetScorer
 
-__all__ = ["ConceptModel", "Set2Model", "AvgModel", "NNModel", "build_model"]
+__all__ = ["ConceptModel", "Set2Model", "AvgModel", "NNModel", "build_model", "model_from_spec"]
 
 
 def _check_items(x: Tensor, name: str, ndim_min: int) -> None:
@@ -113,6 +114,10 @@ class Set2Model(ConceptModel):
         n_iter: EM iterations for K > 1 (default 10).
         var_floor: variance floor (default 0.01).
         init: ``"kmeans++"``.
+        tol: per-set EM stopping tolerance (default 0: always ``n_iter`` iterations).
+        backward: ``"unrolled"`` (default), ``"implicit"`` (the gradient of the fitted
+            optimum; use a large ``n_iter`` with ``tol > 0``) or an
+            :class:`s2m_ext.ImplicitBackward`. See :func:`s2m_ext.fit_gmm`.
         item_dims: trailing dimensions of one item (3 for images, 1 for vectors).
     """
 
@@ -123,9 +128,11 @@ class Set2Model(ConceptModel):
         n_iter: int = 10,
         var_floor: float = 0.01,
         init: str = "kmeans++",
+        tol: float = 0.0,
+        backward: Union[str, ImplicitBackward] = "unrolled",
         item_dims: int = 3,
     ) -> None:
-        super().__init__(embed, GMMScorer(n_components, n_iter, var_floor, init), item_dims)
+        super().__init__(embed, GMMScorer(n_components, n_iter, var_floor, init, tol, backward), item_dims)
 
 
 class AvgModel(ConceptModel):
@@ -142,11 +149,29 @@ class NNModel(ConceptModel):
         super().__init__(embed, NNScorer(), item_dims)
 
 
-def build_model(scorer: str, embedding: dict, n_iter: int = 10, var_floor: float = 0.01) -> ConceptModel:
+def build_model(
+    scorer: str,
+    embedding: dict,
+    n_iter: int = 10,
+    var_floor: float = 0.01,
+    tol: float = 0.0,
+    backward: Union[str, ImplicitBackward] = "unrolled",
+) -> ConceptModel:
     """A :class:`ConceptModel` with a :class:`~s2m_ext.nn.ConvEmbedding` built from the
     ``embedding`` keyword arguments and the scorer named ``scorer`` (see
     :func:`~s2m_ext.nn.make_scorer`). This is how checkpoints rebuild their model."""
     from .embedding import ConvEmbedding
     from .scorers import make_scorer
 
-    return ConceptModel(ConvEmbedding(**embedding), make_scorer(scorer, n_iter=n_iter, var_floor=var_floor))
+    return ConceptModel(ConvEmbedding(**embedding), make_scorer(scorer, n_iter, var_floor, tol, backward))
+
+
+def model_from_spec(spec: Dict[str, Any]) -> ConceptModel:
+    """:func:`build_model` from the model description s2m-train writes into its checkpoints:
+    ``scorer``, ``embedding`` and optionally ``n_iter``, ``var_floor``, ``tol``, ``backward``
+    and ``implicit_solver`` (defaults as in :class:`Set2Model`)."""
+    backward = spec.get("backward", "unrolled")
+    if backward == "implicit":
+        backward = ImplicitBackward(solver=spec.get("implicit_solver", "fixed_point"))
+    return build_model(spec["scorer"], spec["embedding"], spec.get("n_iter", 10), spec.get("var_floor", 0.01),
+                       spec.get("tol", 0.0), backward)

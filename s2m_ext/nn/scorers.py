@@ -19,12 +19,16 @@ import torch
 from torch import Tensor, nn
 
 from ..gmm import DiagGMM, fit_gmm
+from ..implicit import ImplicitBackward
 
 __all__ = ["SetScorer", "GMMScorer", "AvgScorer", "NNScorer", "make_scorer", "SCORER_NAMES", "display_name"]
 
 Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
 
 #: Scorer names accepted by :func:`make_scorer` and the command-line programs.
+#: Gradients of the mixture fit (see :func:`s2m_ext.fit_gmm`).
+BACKWARDS = ("unrolled", "implicit")
+
 SCORER_NAMES = ("gauss", "gmm2", "gmm3", "gmm4", "avg", "nn")
 
 
@@ -65,13 +69,27 @@ class GMMScorer(SetScorer):
         var_floor: added to every fitted variance (default 0.01, the paper's floor for a
             fresh fit of L2-normalised descriptors).
         init: ``"kmeans++"`` (the only initialisation for a fresh fit).
+        tol: stop each set's EM once its mean log-likelihood gains less than ``tol``
+            (default 0: always ``n_iter`` iterations). See :func:`s2m_ext.fit_gmm`. K = 1
+            ignores ``tol`` and ``backward``: its single M-step is the exact optimum.
+        backward: ``"unrolled"`` (default), ``"implicit"`` (the gradient of the fitted
+            optimum; use with a large ``n_iter`` and ``tol > 0``) or an
+            :class:`s2m_ext.ImplicitBackward` with the solver's settings. See :func:`s2m_ext.fit_gmm`.
 
     ``fit`` takes ``generators``: None (torch's global RNG), one torch.Generator for the
     whole batch, or one per concept set. Per-set generators make each set's k-means++ draws
     independent of how sets are batched (data-parallel training relies on it).
     """
 
-    def __init__(self, n_components: int = 1, n_iter: int = 10, var_floor: float = 0.01, init: str = "kmeans++") -> None:
+    def __init__(
+        self,
+        n_components: int = 1,
+        n_iter: int = 10,
+        var_floor: float = 0.01,
+        init: str = "kmeans++",
+        tol: float = 0.0,
+        backward: Union[str, ImplicitBackward] = "unrolled",
+    ) -> None:
         super().__init__()
         if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
             raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
@@ -81,10 +99,18 @@ class GMMScorer(SetScorer):
             raise ValueError(f"var_floor must be a number > 0 (log-densities need a floor), got {var_floor!r}")
         if init != "kmeans++":
             raise ValueError(f"init must be 'kmeans++', got {init!r}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+        if not isinstance(backward, ImplicitBackward) and backward not in BACKWARDS:
+            raise ValueError(
+                f"backward must be one of {', '.join(map(repr, BACKWARDS))} or an s2m_ext.ImplicitBackward, got {backward!r}"
+            )
         self.n_components = n_components
         self.n_iter = n_iter
         self.var_floor = float(var_floor)
         self.init = init
+        self.tol = float(tol)
+        self.backward = backward
         self.name = "gauss" if n_components == 1 else f"gmm{n_components}"
 
     def _initial(self, desc: Tensor, weights: Optional[Tensor], generators: Generators) -> Union[str, DiagGMM]:
@@ -125,6 +151,9 @@ class GMMScorer(SetScorer):
             init=init,
             var_floor=self.var_floor,
             generator=generators if isinstance(generators, torch.Generator) else None,
+            # K = 1 is one closed-form M-step: already the optimum, nothing to iterate.
+            tol=self.tol if self.n_components > 1 else 0.0,
+            backward=self.backward if self.n_components > 1 else "unrolled",
         )
 
     def score(self, state: DiagGMM, queries: Tensor) -> Tensor:
@@ -134,7 +163,8 @@ class GMMScorer(SetScorer):
         return state.log_prob_pool(pool)
 
     def extra_repr(self) -> str:
-        return f"n_components={self.n_components}, n_iter={self.n_iter}, var_floor={self.var_floor}, init={self.init!r}"
+        return (f"n_components={self.n_components}, n_iter={self.n_iter}, var_floor={self.var_floor}, init={self.init!r}, "
+                f"tol={self.tol}, backward={self.backward!r}")
 
 
 class AvgScorer(SetScorer):
@@ -182,14 +212,21 @@ class NNScorer(SetScorer):
         return self._max(torch.einsum("bnd,md->bnm", desc, pool), mask)
 
 
-def make_scorer(name: str, n_iter: int = 10, var_floor: float = 0.01) -> SetScorer:
+def make_scorer(
+    name: str,
+    n_iter: int = 10,
+    var_floor: float = 0.01,
+    tol: float = 0.0,
+    backward: Union[str, ImplicitBackward] = "unrolled",
+) -> SetScorer:
     """A scorer by name: ``gauss`` (S2M-Gauss), ``gmm2``..``gmm4`` (S2M-GMMk, or any
-    ``gmm<K>``), ``avg`` or ``nn``. ``n_iter`` and ``var_floor`` apply to the mixtures."""
+    ``gmm<K>``), ``avg`` or ``nn``. ``n_iter``, ``var_floor``, ``tol`` and ``backward`` apply
+    to the mixtures (see :class:`GMMScorer`)."""
     if name == "gauss":
-        return GMMScorer(1, n_iter, var_floor)
+        return GMMScorer(1, n_iter, var_floor, tol=tol, backward=backward)
     match = re.fullmatch(r"gmm([1-9][0-9]*)", name)
     if match:
-        return GMMScorer(int(match.group(1)), n_iter, var_floor)
+        return GMMScorer(int(match.group(1)), n_iter, var_floor, tol=tol, backward=backward)
     if name == "avg":
         return AvgScorer()
     if name == "nn":
