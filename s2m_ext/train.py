@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -39,7 +40,8 @@ from .data.sources import DATA_SOURCES, data_config
 from .nn import HistogramLoss, model_from_spec
 from .nn.checkpoint import load_checkpoint, save_checkpoint
 from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
-from .implicit import SOLVERS
+from .gmm import ConvergenceWarning
+from .implicit import SOLVERS, ImplicitGradientWarning
 from .nn.scorers import BACKWARDS, SCORER_NAMES
 
 __all__ = ["TrainConfig", "train", "main", "validation_map"]
@@ -152,6 +154,37 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     if cfg.lr_schedule == "constant":
         return cfg.lr
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * step / cfg.steps))
+
+
+#: Warnings of the mixture fit that a training run counts instead of printing every step.
+FIT_WARNINGS = (ConvergenceWarning, ImplicitGradientWarning)
+
+
+class FitWarningCounter:
+    """Counts the fit's per-step warnings (sets that did not converge, implicit solves that
+    fell back to an unrolled gradient): the first of each kind is printed, and the number
+    of steps that raised each kind goes into every validation record of log.jsonl."""
+
+    def __init__(self) -> None:
+        self.counts: Dict[str, int] = {}
+        self.seen: set = set()
+
+    def record(self, caught: Sequence[warnings.WarningMessage], announce: bool) -> None:
+        for kind in {w.category.__name__: w for w in caught if issubclass(w.category, FIT_WARNINGS)}.values():
+            name = kind.category.__name__
+            self.counts[name] = self.counts.get(name, 0) + 1
+            if announce and name not in self.seen:
+                print(f"s2m-train: {name}: {kind.message} (later ones are counted per step in log.jsonl)",
+                      file=sys.stderr, flush=True)
+            self.seen.add(name)
+        for w in caught:  # anything else is shown as usual
+            if not issubclass(w.category, FIT_WARNINGS):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+    def take(self) -> Dict[str, int]:
+        """Steps per warning kind since the last call."""
+        counts, self.counts = self.counts, {}
+        return counts
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -329,15 +362,19 @@ def _train(cfg: TrainConfig, explicit: Sequence[str]) -> Dict[str, Any]:
              "threads": threads, "config": dataclasses.asdict(cfg)})
     model.train()
     ema = None
+    fit_warnings = FitWarningCounter()
     while step < cfg.steps:
         batch = sampler.batch(step, rank * local, (rank + 1) * local)
         concept, queries = batch.images(train_data, dtype, device)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        scores = net(concept, queries, generators=batch.generators())
-        loss = loss_fn(scores[:, : cfg.n_relevant], scores[:, cfg.n_relevant :])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FIT_WARNINGS)
+            scores = net(concept, queries, generators=batch.generators())
+            loss = loss_fn(scores[:, : cfg.n_relevant], scores[:, cfg.n_relevant :])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        fit_warnings.record(caught, announce=rank == 0)
         optimizer.step()
         step += 1
         step_loss = loss.detach()
@@ -355,7 +392,7 @@ def _train(cfg: TrainConfig, explicit: Sequence[str]) -> Dict[str, Any]:
             val_history.append({"step": step, "map": val_map})
             recent = history[-cfg.val_every :]
             log({"event": "val", "step": step, "loss": sum(recent) / len(recent), "val_map": val_map,
-                 "elapsed_s": round(elapsed_before + time.monotonic() - started, 1)})
+                 "fit_warnings": fit_warnings.take(), "elapsed_s": round(elapsed_before + time.monotonic() - started, 1)})
             if val_map > best_val:
                 best_val = val_map
                 save_checkpoint(out / "best.pt", payload(step))

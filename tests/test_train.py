@@ -72,6 +72,15 @@ def test_implicit_backward_trains_and_round_trips_through_the_checkpoint(tmp_pat
     assert rebuilt.backward == ImplicitBackward(solver=cfg.implicit_solver)
 
 
+def test_fit_warnings_are_counted_per_step_and_printed_once(tmp_path, capsys):
+    # One EM iteration can never meet tol (it needs two log-likelihoods), so every step warns.
+    cfg = tiny(tmp_path, "warn", scorer="gmm2", steps=4, val_every=2, n_iter=1, tol=1e-3)
+    train(cfg)
+    val = [json.loads(line) for line in open(tmp_path / "warn" / "log.jsonl") if '"val"' in line]
+    assert [r["fit_warnings"] for r in val] == [{"ConvergenceWarning": 2}, {"ConvergenceWarning": 2}]
+    assert capsys.readouterr().err.count("ConvergenceWarning") == 1
+
+
 def test_resume_after_interruption_is_exact(tmp_path):
     straight = train(tiny(tmp_path, "straight", scorer="gmm2", steps=7, checkpoint_every=3))
     # The same run killed after step 5: its last checkpoint is at step 3.
