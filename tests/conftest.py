@@ -39,3 +39,13 @@ def pytest_report_header(config):
 def _seed(request):
     """Seed torch per test from the session seed and the test's id (independent of order)."""
     torch.manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny tensors: on a shared 2-core machine,
+    multi-threaded dispatch costs ~10x there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

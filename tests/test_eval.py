@@ -14,12 +14,7 @@ from s2m_ext.nn.retrieval import embed_all, retrieval_ap, retrieval_scores, samp
 from s2m_ext.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,7 @@ import torch
 from s2m_ext.nn import HistogramLoss, histogram_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: on a shared 2-core machine, multi-threaded dispatch costs ~10x here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def misordered_fraction(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:

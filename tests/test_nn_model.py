@@ -16,13 +16,7 @@ from s2m_ext.nn import (
 from conftest import DEVICES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: on a shared 2-core machine, multi-threaded dispatch costs ~10x here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_embed(dim: int = 8) -> ConvEmbedding:

@@ -18,12 +18,7 @@ from s2m_ext.nn.checkpoint import load_checkpoint, model_from_checkpoint
 from s2m_ext.train import TrainConfig, main, model_spec, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(tmp_path, name: str, **kw) -> TrainConfig:
