@@ -116,7 +116,7 @@ if (( built )) && wants targets; then
 fi
 if (( built )) && wants suite; then
   if [[ -f bench/run.py || -f bench/__main__.py ]]; then
-    stage suite 240 "$OUT/bench_suite.log" "$PY" -m bench --device cuda --quick --no-plots
+    stage suite 240 "$OUT/bench_suite.log" "$PY" -m bench --device cuda --quick --no-sweeps --no-plots --out "$OUT"
   else
     echo "no benchmark suite (bench/run.py) in this checkout" >"$OUT/bench_suite.log"
     ROWS+=("| suite | SKIPPED (no bench/run.py) | - | bench_suite.log |")
