@@ -37,11 +37,11 @@ import torch.distributed as dist
 from .data import EpisodeSampler, load_splits
 from .data.base import mix_seed
 from .data.sources import DATA_SOURCES, data_config
+from .gmm import ConvergenceWarning
+from .implicit import SOLVERS, ImplicitGradientWarning
 from .nn import HistogramLoss, model_from_spec
 from .nn.checkpoint import load_checkpoint, save_checkpoint
 from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
-from .gmm import ConvergenceWarning
-from .implicit import SOLVERS, ImplicitGradientWarning
 from .nn.scorers import BACKWARDS, SCORER_NAMES
 
 __all__ = ["TrainConfig", "train", "main", "validation_map"]
