@@ -25,10 +25,10 @@ __all__ = ["SetScorer", "GMMScorer", "AvgScorer", "NNScorer", "make_scorer", "SC
 
 Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
 
-#: Scorer names accepted by :func:`make_scorer` and the command-line programs.
 #: Gradients of the mixture fit (see :func:`s2m_ext.fit_gmm`).
 BACKWARDS = ("unrolled", "implicit")
 
+#: Scorer names accepted by :func:`make_scorer` and the command-line programs.
 SCORER_NAMES = ("gauss", "gmm2", "gmm3", "gmm4", "avg", "nn")
 
 
