@@ -35,6 +35,11 @@ def pytest_report_header(config):
     return f"s2m_ext test seed: S2M_TEST_SEED={SESSION_SEED}; build: {s2m_ext.build_info()}"
 
 
+def pytest_terminal_summary(terminalreporter):
+    # -q hides the header: repeat the seed where a failure is read.
+    terminalreporter.write_line(f"s2m_ext test seed: S2M_TEST_SEED={SESSION_SEED}")
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     """Seed torch per test from the session seed and the test's id (independent of order)."""
