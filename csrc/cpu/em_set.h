@@ -147,6 +147,8 @@ T e_step(SetShape s, ConstParams<T> theta, Workspace<T>& ws, bool want_resp, boo
   return loglik;
 }
 
+// Nk = sum_n w_n r_nk. Forward and backward both call this so that they take the same
+// alive/dead decisions bit for bit.
 template <typename T>
 void component_mass(SetShape s, Workspace<T>& ws) {
   std::fill(ws.nk, ws.nk + s.k, T(0));
