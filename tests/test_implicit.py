@@ -351,8 +351,10 @@ def test_diverging_series_stays_bounded(solver):
     step = _make_step(p.x, p.weights, fit.params(), p.var_floor)
     g = _pack(*grads)
     u = g.clone()
-    for _ in range(100):
+    for _ in range(1000):  # how fast depends on the draw (100 terms grew it only 890x in 1 of 200)
         u = g + step.jt(u)
+        if u.norm() > 1e6 * g.norm():
+            break
     assert u.norm() > 1e6 * g.norm(), "the series diverges at this saddle"
     with pytest.warns(ImplicitGradientWarning, match="failed for 1 of 1 sets"):
         g_x, g_w, *_, solution = s2m_ext.implicit.implicit_vjp(
