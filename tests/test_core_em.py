@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICES, DTYPES, RTOL
-from problems import FIELDS, SHAPES, assert_grads_rel, assert_matches_reference, assert_rel, make_problem, rel_err
+from problems import (
+    SHAPES,
+    assert_grads_rel,
+    assert_matches_reference,
+    assert_rel,
+    make_problem,
+    rel_err,
+    step_problems,
+)
 
 import s2m_ext
 from s2m_ext import reference
@@ -27,12 +35,9 @@ def test_forward_matches_reference(name, B, N, D, K, opts, dtype, device):
     assert all(t.dtype == dtype for t in (lw, mu, var, loglik))
     assert_rel(lw[0], p.init[0], 0.0, "step 0 is the initial log_weights")
     assert_rel(mu[0], p.init[1], 0.0, "step 0 is the initial means")
-    assert_matches_reference((lw[-1], mu[-1], var[-1], loglik), p, device, T_ITER, FIELDS, dtype)
+    assert_matches_reference((lw, mu, var, loglik), p, device, T_ITER, dtype)
     assert torch.equal(used.cpu(), torch.full((B,), T_ITER))
     assert not converged.any()
-    # The trajectory is the sequence of fits with 0..T iterations.
-    for t in (1, T_ITER // 2):
-        assert_matches_reference((mu[t],), p, device, t, ("means",), dtype, f"after {t} iterations: ")
 
 
 def _reference_trajectory_grads(inputs, upstream, n_iter, var_floor, dtype):
@@ -50,11 +55,21 @@ def _reference_trajectory_grads(inputs, upstream, n_iter, var_floor, dtype):
 @pytest.mark.parametrize("name,B,N,D,K,opts", SHAPES, ids=[s[0] for s in SHAPES])
 def test_backward_matches_autograd_through_reference(name, B, N, D, K, opts, dtype, device):
     """Gradients for x, weights and the initial parameters, with upstream gradients on every
-    step of the trajectory, equal autograd through the reference (float64)."""
+    step of the trajectory, equal autograd through the reference.
+
+    float64: the whole 4-step backward to 1e-10. float32: each step's vector-Jacobian
+    product, from the op's own states, since the adjoint of T steps amplifies rounding as
+    much as the forward does (see assert_matches_reference); the float64 run checks how the
+    steps compose, in the same templated code."""
     p = make_problem(B, N, D, K, **opts).to(dtype, device)
     n_iter = 4
+    if dtype == torch.float32:
+        traj = _run_op(p, n_iter)[:3]
+        inputs = [t.clone().requires_grad_() for t in step_problems(traj, p, device, dtype)]
+        n_iter = 1
+    else:
+        inputs = [t.clone().requires_grad_() for t in (p.x, p.weights, *p.init)]
     names = ("x", "weights", "log_weights0", "means0", "variances0")
-    inputs = [t.clone().requires_grad_() for t in (p.x, p.weights, *p.init)]
     out = s2m_ext.ops.em_fit(*inputs, n_iter, p.var_floor, 0.0, True)
     upstream = [torch.randn_like(t) for t in out[:3]]
     grads = torch.autograd.grad(sum((o * g).sum() for o, g in zip(out[:3], upstream)), inputs)
@@ -63,9 +78,9 @@ def test_backward_matches_autograd_through_reference(name, B, N, D, K, opts, dty
     if dtype == torch.float64:
         assert_grads_rel(grads, exact, RTOL[dtype], names)
         return
-    # float32: some gradients are ill-conditioned (the weight of a padding point far from
-    # every component is a difference of large terms), so the bar is the accuracy of the
-    # same computation done plainly in float32: 1e-4, or twice the float32 reference's error.
+    # Some one-step gradients are ill-conditioned too (the weight of a padding point far from
+    # every component is a difference of large terms), so the bar is the accuracy of the same
+    # computation done plainly in float32: 1e-4, or twice the float32 reference's error.
     plain32 = _reference_trajectory_grads(inputs, upstream, n_iter, p.var_floor, torch.float32)
     scale = max(e.abs().max().item() for e in exact)
     for got, plain, want, what in zip(grads, plain32, exact, names):

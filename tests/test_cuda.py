@@ -12,7 +12,17 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DTYPES, RTOL
-from problems import FIELDS, SHAPES, assert_grads_rel, assert_matches_reference, assert_rel, make_problem, rel_err
+from problems import (
+    FIELDS,
+    SHAPES,
+    assert_grads_rel,
+    assert_matches_reference,
+    assert_rel,
+    make_problem,
+    reference_steps,
+    rel_err,
+    step_problems,
+)
 
 import s2m_ext
 from s2m_ext import DiagGMM, reference
@@ -102,13 +112,24 @@ def test_em_fit_cuda_equals_cpu_and_reference(name, B, N, D, K, opts, dtype):
     args = (p.x, p.weights, *p.init)
     cpu = ops.em_fit(*args, T_ITER, p.var_floor, 0.0, True)
     gpu = ops.em_fit(*_cuda(args), T_ITER, p.var_floor, 0.0, True)
-    rtol = RTOL[dtype]
-    for i, what in enumerate(("log_weights", "means", "variances")):
-        assert gpu[i].dtype == dtype and gpu[i].is_cuda
-        assert_rel(gpu[i].cpu(), cpu[i], rtol, f"{what} trajectory vs CPU")
-    assert_rel(gpu[3].cpu(), cpu[3], rtol, "loglik vs CPU")
-    final = (gpu[0][-1], gpu[1][-1], gpu[2][-1], gpu[3])
-    assert_matches_reference(final, p, "cuda", T_ITER, FIELDS, dtype)
+    assert all(t.dtype == dtype and t.is_cuda for t in gpu[:4])
+    if dtype == torch.float64:
+        for got, want, what in zip(gpu, cpu, FIELDS):
+            assert_rel(got.cpu(), want, RTOL[dtype], f"{what} vs CPU")
+    else:
+        # float32 runs drift apart over T steps (see assert_matches_reference), so each GPU
+        # step is compared with the CPU op's step from the same state, as closely as the CPU
+        # op's step is to the float64 reference's (or 1e-4).
+        def cpu_step(*args):
+            return [t[-1] for t in ops.em_fit(*args, 0.0, False)[:3]]
+
+        gpu_traj = [t.cpu() for t in gpu[:3]]
+        cpu_steps = reference_steps(gpu_traj, p, "cpu", dtype, cpu_step)
+        exact = reference_steps(gpu_traj, p, "cpu")
+        for got, want, truth, what in zip(gpu_traj, cpu_steps, exact, FIELDS):
+            bar = max(RTOL[dtype], 2 * rel_err(want, truth))
+            assert_rel(got[1:], want, bar, f"{what}: one step vs the CPU op's from the same state")
+    assert_matches_reference(gpu, p, "cuda", T_ITER, dtype)
     assert torch.equal(gpu[4].cpu(), cpu[4]) and torch.equal(gpu[5].cpu(), cpu[5])
 
 
@@ -117,16 +138,23 @@ def test_em_fit_cuda_equals_cpu_and_reference(name, B, N, D, K, opts, dtype):
 @pytest.mark.parametrize("name,B,N,D,K,opts", CUDA_SHAPES, ids=[s[0] for s in CUDA_SHAPES])
 def test_em_fit_backward_cuda_equals_cpu(name, B, N, D, K, opts, dtype):
     """Gradients for x, w and the initial parameters from gradients on the whole trajectory.
-    float64: 1e-10 against the CPU op. float32: the bar is the accuracy of the CPU op in
-    float32 (twice its error against the CPU op in float64), at least 1e-4."""
+    float64: the 4-step backward, 1e-10 against the CPU op. float32: each step's
+    vector-Jacobian product from the GPU's own states (the adjoint of several steps amplifies
+    rounding, see test_core_em), against the CPU op in float64; the bar is the CPU op's own
+    float32 accuracy (twice its error), at least 1e-4."""
     p = make_problem(B, N, D, K, **opts).to(dtype)  # inputs rounded to dtype, for every run below
     n_iter = 4
+    inputs = [p.x, p.weights, *p.init]
+    if dtype == torch.float32:
+        traj = ops.em_fit(*_cuda(inputs), n_iter, p.var_floor, 0.0, True)[:3]
+        inputs = step_problems([t.cpu() for t in traj], p, "cpu", dtype)
+        n_iter = 1
 
     def grads(dtype, device):
-        q = p.to(dtype, device)
-        out = ops.em_fit(q.x, q.weights, *q.init, n_iter, q.var_floor, 0.0, True)
+        x, w, *init = [t.to(dtype=dtype, device=device) for t in inputs]
+        out = ops.em_fit(x, w, *init, n_iter, p.var_floor, 0.0, True)
         up = [u.to(p.x.dtype).to(dtype=dtype, device=device) for u in _upstream(out)]
-        return ops.em_fit_backward(*up, q.x, q.weights, out[0], out[1], out[2], out[4], q.var_floor)
+        return ops.em_fit_backward(*up, x, w, out[0], out[1], out[2], out[4], p.var_floor)
 
     names = ("x", "weights", "log_weights0", "means0", "variances0")
     exact = grads(torch.float64, "cpu")
