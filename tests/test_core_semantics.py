@@ -137,6 +137,28 @@ def test_same_seed_same_fit_and_reference_agrees(device):
     assert not torch.equal(fits[0].means, other.means)
 
 
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    """The CPU kernels split the work over sets (scoring: over rows), and each set's sums run
+    in one fixed order, so the bits are the same with 1 and 3 threads: seeding, the fit, its
+    gradients and both scores (a run's results do not depend on the machine's load)."""
+    p = make_problem(13, 37, 9, 4, pad=True).to(torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            x, w = p.x.clone().requires_grad_(), p.weights.clone().requires_grad_()
+            gmm = s2m_ext.fit_gmm(x, w, n_components=4, n_iter=5, generator=torch.Generator().manual_seed(3))
+            scores = gmm.log_prob(x.detach())
+            pool = gmm.log_prob_pool(x.detach().reshape(-1, 9))
+            grads = torch.autograd.grad(gmm.means.sum() + gmm.variances.sum() + scores.sum(), (x, w))
+            runs.append((*gmm.params(), scores, pool, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(("log_weights", "means", "variances", "scores", "pool scores", "d/dx", "d/dw"), *runs):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kmeanspp_op_matches_reference(dtype, device):
