@@ -95,12 +95,6 @@ def assert_grads_rel(actual, expected, rtol: float, names) -> None:
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
-def reference_on(p, device, n_iter, tol=0.0, dtype=torch.float64):
-    """The reference on exactly the inputs the op saw (rounded to their dtype), run in ``dtype``."""
-    q = p.to(dtype, device)
-    return reference.em_fit(q.x, q.weights, *q.init, n_iter, q.var_floor, tol)
-
-
 FIELDS = ("log_weights", "means", "variances", "loglik")
 
 
