@@ -122,7 +122,7 @@ def child(args: argparse.Namespace) -> Dict[str, float]:
         except Exception as exc:  # private profiler API: report, do not fail the bench
             print(f"tensor peak unavailable: {exc!r}", file=sys.stderr)
     if args.variant != "unrolled":  # how hard the adjoint solve was (outside the measures)
-        from s2m_ext.implicit import solve_adjoint
+        from s2m_ext.adjoint import solve_adjoint
 
         with torch.no_grad():
             gmm = s2m_ext.fit_gmm(x, w, n_iter=args.T, init=init, var_floor=1e-3)

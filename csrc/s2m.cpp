@@ -1,8 +1,8 @@
-// Op schemas of the s2m namespace and the Python module s2m_ext._C.
+// Every op schema of the s2m namespace, and the Python module s2m_ext._C.
 //
-// Kernels register per dispatch key in their own folders: cpu/ (CPU), cuda/ (CUDA), and
-// score_pool.cpp (CompositeExplicitAutograd: ATen matrix products on any device).
-// Autograd and fake (meta) implementations are registered in Python (s2m_ext/_ops.py).
+// Kernels register per dispatch key in their own folders: cpu/ (CPU) and cuda/ (CUDA).
+// Autograd, fake (meta) implementations and the composite kernels of em_fit_implicit (built
+// from the other ops) are registered in Python (s2m_ext/_ops.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -38,6 +38,24 @@ TORCH_LIBRARY(s2m, m) {
       "Tensor variances) -> (Tensor, Tensor, Tensor, Tensor)");
   // k-means++ seeding: indices (B,K) of the chosen points, from uniforms (B,K) in [0,1).
   m.def("kmeanspp(Tensor x, Tensor weights, Tensor uniforms) -> Tensor");
+  // em_fit without a trajectory, differentiated implicitly at the fixed point it reached: the
+  // final (log_weights, means, variances, loglik, n_iter_used, converged). The solve settings
+  // (tolerance, most products, "fixed_point" or "gmres", GMRES restart) matter only for the
+  // backward, em_fit_implicit_backward, which returns the gradients of em_fit_backward.
+  m.def(
+      "em_fit_implicit(Tensor x, Tensor weights, Tensor log_weights, Tensor means, Tensor variances, "
+      "int n_iter, float var_floor, float tol, float solve_tol, int solve_max_iter, str solver, "
+      "int restart) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "em_fit_implicit_backward(Tensor grad_log_weights, Tensor grad_means, Tensor grad_variances, "
+      "Tensor x, Tensor weights, Tensor log_weights, Tensor means, Tensor variances, "
+      "float var_floor, float solve_tol, int solve_max_iter, str solver, int restart) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+#ifdef S2M_WITH_CUDA
+  // Test hook: the EM layout a set of this size gets on CUDA with max_smem bytes of shared
+  // memory per block (0 all in shared memory, 1 x in global memory, 2 all in global memory).
+  m.def("_cuda_em_placement(int N, int D, int K, bool double_precision, bool backward, int max_smem) -> int");
+#endif
 }
 
 namespace {

@@ -1,15 +1,23 @@
-"""Registration of the ``torch.ops.s2m`` custom ops: fake (meta) kernels for tracing and
-torch.compile, and autograd formulas that call the analytic backward ops.
+"""Every Python registration of the ``torch.ops.s2m`` custom ops: fake (meta) kernels for
+tracing and torch.compile, autograd formulas that call the analytic backward ops, and the
+composite kernels of the implicit fit (built from the other s2m ops and
+:mod:`s2m_ext.adjoint`).
 
-The schemas and the CPU/CUDA kernels live in C++ (``csrc/``); importing this module loads
-them. Users call the public API in :mod:`s2m_ext.gmm`, not these ops.
+Every schema and the CPU/CUDA kernels live in C++ (``csrc/s2m.cpp``, ``csrc/cpu/``,
+``csrc/cuda/``); importing this module loads them. Users call the public API in
+:mod:`s2m_ext.gmm`, not these ops.
 """
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
+from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library: registers the s2m schemas and kernels)
+from .adjoint import implicit_vjp
+from .implicit import ImplicitBackward
 
 ops = torch.ops.s2m
 
@@ -111,3 +119,114 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "s2m::score_pool", _make_score_backward(ops.score_pool_backward), setup_context=_score_setup_context
 )
+
+
+# ----------------------------------------------------------------------------- implicit fit
+def _em_fit_implicit(
+    x: Tensor,
+    weights: Tensor,
+    log_weights: Tensor,
+    means: Tensor,
+    variances: Tensor,
+    n_iter: int,
+    var_floor: float,
+    tol: float,
+    solve_tol: float,
+    solve_max_iter: int,
+    solver: str,
+    restart: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """s2m::em_fit_implicit: em_fit without a trajectory, differentiated implicitly. Returns
+    the final (log_weights (B,K), means (B,K,D), variances (B,K,D), loglik (B),
+    n_iter_used (B), converged (B)), the first four in em_fit's dtype (float32 for
+    float16/bfloat16 x). The solve settings only matter for the backward."""
+    lw, mu, var, loglik, used, converged = ops.em_fit(
+        x, weights, log_weights, means, variances, n_iter, var_floor, tol, False
+    )
+    return lw[0], mu[0], var[0], loglik, used, converged
+
+
+def _em_fit_implicit_fake(x, weights, log_weights, means, variances, n_iter, var_floor, tol, solve_tol, solve_max_iter, solver, restart):
+    batch = x.shape[0]
+    dtype = fit_dtype(x.dtype)
+    return (
+        log_weights.new_empty(log_weights.shape, dtype=dtype),
+        means.new_empty(means.shape, dtype=dtype),
+        variances.new_empty(variances.shape, dtype=dtype),
+        x.new_empty(batch, dtype=dtype),
+        x.new_empty(batch, dtype=torch.long),
+        x.new_empty(batch, dtype=torch.bool),
+    )
+
+
+def _em_fit_implicit_backward(
+    grad_log_weights: Tensor,
+    grad_means: Tensor,
+    grad_variances: Tensor,
+    x: Tensor,
+    weights: Tensor,
+    log_weights: Tensor,
+    means: Tensor,
+    variances: Tensor,
+    var_floor: float,
+    solve_tol: float,
+    solve_max_iter: int,
+    solver: str,
+    restart: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """s2m::em_fit_implicit_backward: implicit gradients (x, weights, log_weights0, means0,
+    variances0) of the fit (log_weights, means, variances) given the gradients on it; see
+    :func:`implicit_vjp`."""
+    config = ImplicitBackward(tol=solve_tol, max_iter=solve_max_iter, solver=solver, restart=restart)
+    return implicit_vjp(
+        x, weights, (log_weights, means, variances), (grad_log_weights, grad_means, grad_variances), var_floor, config
+    )[:5]
+
+
+def _em_fit_implicit_backward_fake(grad_log_weights, grad_means, grad_variances, x, weights, log_weights, means, variances, *_):
+    # The initial parameters have x's dtype (the fit's may be float32 for float16/bfloat16 x).
+    return (
+        torch.empty_like(x),
+        torch.empty_like(weights),
+        x.new_empty(log_weights.shape),
+        x.new_empty(means.shape),
+        x.new_empty(variances.shape),
+    )
+
+
+# Composed of s2m ops, so one kernel serves every device that has them. Registered through a
+# torch.library.Library rather than the torch.library.custom_op decorator: the decorator wraps
+# kernels in torch._disable_dynamo, whose first call imports torch._dynamo (about 150 MB of
+# resident memory), which a plain fit should not pay for.
+_LIB = torch.library.Library("s2m", "IMPL")
+_LIB.impl("em_fit_implicit", _em_fit_implicit, "CompositeExplicitAutograd")
+_LIB.impl("em_fit_implicit_backward", _em_fit_implicit_backward, "CompositeExplicitAutograd")
+torch.library.register_fake("s2m::em_fit_implicit", _em_fit_implicit_fake)
+torch.library.register_fake("s2m::em_fit_implicit_backward", _em_fit_implicit_backward_fake)
+
+
+def _em_fit_implicit_setup_context(ctx, inputs, output):
+    x, weights, _, _, _, n_iter, var_floor, _, solve_tol, solve_max_iter, solver, restart = inputs
+    lw, mu, var, loglik, used, converged = output
+    ctx.save_for_backward(x, weights, lw, mu, var)
+    ctx.n_iter = n_iter
+    ctx.settings = (var_floor, solve_tol, solve_max_iter, solver, restart)
+    ctx.mark_non_differentiable(loglik, used, converged)
+
+
+def _em_fit_implicit_autograd(ctx, g_lw, g_mu, g_var, _g_loglik, _g_used, _g_converged):
+    x, weights, lw, mu, var = ctx.saved_tensors
+    fill = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731
+    g_lw, g_mu, g_var = fill(g_lw, lw), fill(g_mu, mu), fill(g_var, var)
+    if ctx.n_iter == 0:  # no EM step ran: the output is the initial parameters (in x's dtype)
+        init_grads = (g.to(x.dtype) for g in (g_lw, g_mu, g_var))
+        return torch.zeros_like(x), torch.zeros_like(weights), *init_grads, *([None] * 7)
+    grads = ops.em_fit_implicit_backward(g_lw, g_mu, g_var, x, weights, lw, mu, var, *ctx.settings)
+    return (*grads, *([None] * 7))
+
+
+torch.library.register_autograd(
+    "s2m::em_fit_implicit", _em_fit_implicit_autograd, setup_context=_em_fit_implicit_setup_context
+)
+
+

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._extras import require
 from .data import load_splits
 from .data.base import ClassImages, mix_seed
 from .data.sources import DATA_SOURCES, data_config
@@ -51,7 +52,7 @@ class Group:
 
 def confidence_interval(values: Sequence[float], level: float = 0.95) -> Tuple[float, float]:
     """Student t interval (mean - h, mean + h) of the mean; (mean, mean) for one value."""
-    from scipy import stats
+    stats = require("scipy.stats", "train", "confidence intervals")
 
     n = len(values)
     mean = sum(values) / n
@@ -261,8 +262,7 @@ def format_table(result: Dict[str, Any], noise: Sequence[float]) -> str:
 
 def write_figure(result: Dict[str, Any], test: ClassImages, noise: Sequence[float], path: str) -> None:
     """mAP per model and noise level (bars, 95% intervals) and a retrieval example."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "train", "the figure (--png)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle

@@ -13,7 +13,7 @@ from torch import Tensor
 from . import _validation as V
 from . import implicit
 from ._ops import ops
-from .reference import limits
+from ._rules import limits
 
 __all__ = ["DiagGMM", "fit_gmm", "ConvergenceWarning"]
 
@@ -128,9 +128,10 @@ class DiagGMM:
     def log_prob_pool(self, z: Tensor) -> Tensor:
         """Log-density of every item of a shared pool z (M, D) under every mixture -> (B, M).
 
-        Computed as matrix products over the pool (see ``csrc/score_pool.cpp``); in float32
-        its rounding error grows with the spread of z and the means around their centre
-        divided by the variances."""
+        On the CPU computed as matrix products over the pool (``csrc/cpu/score_pool_cpu.cpp``):
+        in float32 its rounding error grows with the spread of z and the means around their
+        centre divided by the variances. On CUDA a fused kernel evaluates the quadratic form
+        directly."""
         self._check_points(z, "z", 2, "(M, D)")
         return ops.score_pool(z, *self.params())
 

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-LOG_2PI = math.log(2.0 * math.pi)
+from ._rules import LOG_2PI, limits
 
 __all__ = [
     "limits",
@@ -35,12 +35,6 @@ __all__ = [
     "kmeanspp",
     "fit_gmm",
 ]
-
-
-def limits(dtype: torch.dtype) -> Tuple[float, float, float, float]:
-    """(eps, tiny, var_min, log_weight_min) of the EM rules for ``dtype``."""
-    fi = torch.finfo(dtype)
-    return fi.eps, fi.tiny, fi.eps**2, math.log(fi.tiny)
 
 
 def component_log_densities(z: Tensor, log_weights: Tensor, means: Tensor, variances: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ._extras import require
 from .data import EpisodeSampler, load_splits
 from .data.base import mix_seed
 from .data.sources import DATA_SOURCES, data_config
@@ -352,8 +353,7 @@ def _train(cfg: TrainConfig, explicit: Sequence[str]) -> Dict[str, Any]:
 
     bar = None
     if rank == 0 and cfg.progress:
-        from tqdm.auto import tqdm
-
+        tqdm = require("tqdm.auto", "train", "the progress bar (--no-progress turns it off)").tqdm
         bar = tqdm(total=cfg.steps, initial=step, desc=f"s2m-train {cfg.scorer}", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 30.0)
     started = last_save = time.monotonic()

@@ -15,7 +15,8 @@ from problems import Problem, assert_grads_rel, assert_rel, rel_err
 
 import s2m_ext
 from s2m_ext import DiagGMM, ImplicitBackward, ImplicitGradientWarning, reference
-from s2m_ext.implicit import DEFAULT_SOLVE_TOL, solve_adjoint
+from s2m_ext.adjoint import solve_adjoint
+from s2m_ext.implicit import DEFAULT_SOLVE_TOL
 
 SOLVERS = ["fixed_point", "gmres"]
 T_CONVERGED = 1000
@@ -293,7 +294,7 @@ def test_singular_optimum_warns_and_stays_finite(solver, device):
     params = [t.detach().clone().requires_grad_() for t in fit.params()]
     loss = sum((a * c).sum() for a, c in zip(params, upstream[:3])) + DiagGMM(*params).log_prob(upstream[3]).sum()
     grads_on_fit = torch.autograd.grad(loss, params)
-    from s2m_ext.implicit import _make_step, _pack
+    from s2m_ext.adjoint import _make_step, _pack
 
     step = _make_step(p.x, p.weights, fit.params(), p.var_floor)
     _, m, _ = _smallest_residual_series(step, _pack(*grads_on_fit), max_iter)
@@ -317,7 +318,7 @@ def test_iteration_cap_gives_the_unrolled_gradient_at_the_fit(solver):
     assert exact.converged.all()
     capped = ~solution.converged
     assert capped.any(), "the cap must bind for some set"
-    from s2m_ext.implicit import _make_step, _pack
+    from s2m_ext.adjoint import _make_step, _pack
 
     step = _make_step(p.x, p.weights, fit.params(), p.var_floor)
     g = _pack(*grads)
@@ -328,7 +329,7 @@ def test_iteration_cap_gives_the_unrolled_gradient_at_the_fit(solver):
     assert (solution.residual[capped] > DEFAULT_SOLVE_TOL[torch.float64]).all()
     n_capped = int(capped.sum())
     with pytest.warns(ImplicitGradientWarning, match=rf"failed for {n_capped} of 6 sets .* solver='{solver}'"):
-        g_x, g_w, *_ = s2m_ext.implicit.implicit_vjp(p.x, p.weights, fit.params(), grads, p.var_floor, config)
+        g_x, g_w, *_ = s2m_ext.adjoint.implicit_vjp(p.x, p.weights, fit.params(), grads, p.var_floor, config)
     unrolled = _unrolled_at_the_fit(p, fit, m, grads)
     assert_grads_rel((g_x[capped], g_w[capped]), [t[capped] for t in unrolled], 1e-10, NAMES[:2])
 
@@ -345,7 +346,7 @@ def test_diverging_series_stays_bounded(solver):
     p.init[2][:] = 1.0
     fit = s2m_ext.fit_gmm(p.x, p.weights, n_iter=50, init=DiagGMM(*p.init), var_floor=p.var_floor)
     assert torch.equal(fit.means[0, 0], fit.means[0, 1]), "the components stay identical"
-    from s2m_ext.implicit import _make_step, _pack
+    from s2m_ext.adjoint import _make_step, _pack
 
     grads = [torch.randn_like(t) for t in fit.params()]
     step = _make_step(p.x, p.weights, fit.params(), p.var_floor)
@@ -357,7 +358,7 @@ def test_diverging_series_stays_bounded(solver):
             break
     assert u.norm() > 1e6 * g.norm(), "the series diverges at this saddle"
     with pytest.warns(ImplicitGradientWarning, match="failed for 1 of 1 sets"):
-        g_x, g_w, *_, solution = s2m_ext.implicit.implicit_vjp(
+        g_x, g_w, *_, solution = s2m_ext.adjoint.implicit_vjp(
             p.x, p.weights, fit.params(), grads, p.var_floor, ImplicitBackward(solver=solver, max_iter=100)
         )
     assert not solution.converged.any()

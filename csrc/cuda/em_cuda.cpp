@@ -160,10 +160,8 @@ int64_t em_placement(int64_t N, int64_t D, int64_t K, bool double_precision, boo
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(s2m, m) {
-  m.def("_cuda_em_placement(int N, int D, int K, bool double_precision, bool backward, int max_smem) -> int",
-        &em_placement);
-}
+// No tensor arguments, so no dispatch key: a catch-all kernel for the schema in s2m.cpp.
+TORCH_LIBRARY_FRAGMENT(s2m, m) { m.impl("_cuda_em_placement", &em_placement); }
 
 TORCH_LIBRARY_IMPL(s2m, CUDA, m) {
   m.impl("em_fit", &em_fit_cuda);

@@ -1,8 +1,8 @@
 // CUDA glue of the scoring ops (paired and pool, forward and backward); kernels in
 // score_kernels.cu. float16 / bfloat16 are computed in float32 and returned in their own dtype.
 //
-// score_pool here replaces, on CUDA, the device-generic ATen expansion of csrc/score_pool.cpp:
-// that one writes and re-reads the (M, B*K) log-densities (16 GB at M = 1e6, B*K = 4000) and
+// score_pool is a fused kernel rather than the CPU path's ATen expansion
+// (cpu/score_pool_cpu.cpp), which writes and re-reads the (M, B*K) log-densities (16 GB at M = 1e6, B*K = 4000) and
 // its float32 matrix products switch to TF32 when torch.backends.cuda.matmul.allow_tf32 is
 // set, silently costing accuracy; the fused kernel does neither (bench/NOTES.md, CUDA).
 #include <torch/library.h>

@@ -18,8 +18,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 
+from .._extras import require
 from .base import ClassImages
 
 __all__ = ["load_omniglot", "split_classes", "split_omniglot", "default_omniglot_root", "SHARED_ZIP"]
@@ -68,6 +68,7 @@ def _png_entries_in_folder(path: Path) -> Iterator[Tuple[Tuple[str, str], str, b
 
 
 def _decode(data: bytes, size: int, source: str) -> np.ndarray:
+    Image = require("PIL.Image", "train", "reading Omniglot images")
     try:
         img = Image.open(io.BytesIO(data)).convert("L")
     except Exception as exc:  # PIL raises several types for broken files

@@ -1,7 +1,8 @@
-// Pool scoring: every item of a shared pool z (M,D) against every one of B mixtures -> (B,M).
+// Pool scoring on the CPU: every item of a shared pool z (M,D) against every one of B
+// mixtures -> (B,M). (CUDA has its own fused kernel, cuda/score_kernels.cu.)
 //
-// Written once with ATen ops for all devices (CPU BLAS, cuBLAS): the quadratic form is
-// expanded so that the work is two matrix products over the pool,
+// Written with ATen ops (CPU BLAS): the quadratic form is expanded so that the work is two
+// matrix products over the pool,
 //   l[m,(b,k)] = c_bk + z_m . (mu_bk / v_bk) - 1/2 z_m^2 . (1 / v_bk),
 //   c_bk       = log pi_bk - 1/2 sum_d (log(2 pi v_bkd) + mu_bkd^2 / v_bkd).
 // The expansion cancels when z is close to mu and both are far from the origin, so z and mu
@@ -120,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_pool_backward(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(s2m, CompositeExplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(s2m, CPU, m) {
   m.impl("score_pool", &score_pool);
   m.impl("score_pool_backward", &score_pool_backward);
 }
