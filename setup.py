@@ -11,7 +11,8 @@ The CPU kernels are compiled for AVX2 + FMA when the building machine has them (
 overrides the choice: S2M_CPU_FLAGS="" builds for any x86-64 CPU (e.g. a wheel for other
 machines), S2M_CPU_FLAGS="-march=native" tunes for this one.
 
-Build with the torch you will run with:  pip install --no-build-isolation -e .
+Build with the torch you will run with:  pip install --no-build-isolation .
+(a wheel: python -m build --no-isolation, which builds the sdist and the wheel from it).
 """
 
 import glob
@@ -92,10 +93,16 @@ def extensions():
         ext_cls = CUDAExtension
     else:
         ext_cls = CppExtension
+    # Every kernel file and header, so that an sdist carries what either build needs.
+    depends = sorted(
+        f for pattern in ("*.h", "*/*.h", "*/*.cuh", "cuda/*.cu", "cuda/*.cpp", "cuda/*.sh", "cuda/emu/*")
+        for f in glob.glob(os.path.join("csrc", pattern))
+    )
     return [
         ext_cls(
             name="s2m_ext._C",
             sources=sources,
+            depends=depends,
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args=extra,
@@ -107,5 +114,5 @@ def extensions():
 setup(
     packages=find_packages(include=["s2m_ext", "s2m_ext.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+    cmdclass={"build_ext": BuildExtension},
 )

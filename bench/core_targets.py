@@ -1,4 +1,4 @@
-"""``python -m bench --targets core``: the issue-2 targets alone, at B=256, N=64, D=128, K=4,
+"""``python -m bench --targets core``: the core targets alone, at B=256, N=64, D=128, K=4,
 T=10, float32, measured side by side, then a profile of where s2m_ext's time goes:
 
 * the op split: em_fit without trajectory (forward), em_fit keeping the trajectory (the
@@ -173,7 +173,7 @@ def run_core_targets(args: argparse.Namespace) -> int:
     s.forced_budget = Budget(seconds=10.0, min_repeats=7, max_repeats=40, min_sample_s=0.05)
     shape = NAMED_SHAPES["core"]
     meta = env.describe("cpu" if args.device == "cpu" else args.device)
-    log(f"issue-2 targets at {shape.label('forward')} on {meta['device_name']}, {torch.get_num_threads()} threads, "
+    log(f"core targets at {shape.label('forward')} on {meta['device_name']}, {torch.get_num_threads()} threads, "
         f"load average {meta['load_average']}")
     records: List[Dict[str, object]] = []
     projector = Projector()
@@ -199,7 +199,7 @@ def run_core_targets(args: argparse.Namespace) -> int:
                          f"{e['cpu_ratio_to_s2m_ext']:.3g}x" if "cpu_ratio_to_s2m_ext" in e else "",
                          f"{e['peak_mem_bytes'] / 1e6:.3g} MB" if "peak_mem_bytes" in e else "-",
                          f"{e['mem_ratio_to_s2m_ext']:.3g}x" if "mem_ratio_to_s2m_ext" in e else ""])
-    print(f"== issue-2 targets: {shape.label('forward')} float32, {torch.get_num_threads()} threads, "
+    print(f"== core targets: {shape.label('forward')} float32, {torch.get_num_threads()} threads, "
           f"load average {meta['load_average']} -> {meta['load_average_end']}")
     print(render_table(["workload", "contender", "median", "CPU time", "of it kernel", "runs", "time ratio", "CPU-time ratio",
                         "peak memory", "memory ratio"], rows))

@@ -1,4 +1,4 @@
-"""The CUDA speed targets of issue 3, timed with CUDA events (median of many), side by side.
+"""The CUDA speed targets, timed with CUDA events (median of many), side by side.
 
     python bench/cuda_targets.py [--out results.json] [--quick] [--budget-s 240]
 

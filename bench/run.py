@@ -3,7 +3,7 @@ times and ratios to s2m_ext per workload, peak memory, throughput, JSON results 
 
     python -m bench --device cpu --quick       # < 10 min on a 2-core CPU
     python -m bench --device cuda              # the full suite on a GPU
-    python -m bench --targets core             # only the issue-2 speed/memory targets (+ profile)
+    python -m bench --targets core             # only the core speed/memory targets (+ profile)
 
 See bench/README.md for what is measured and how, bench/NOTES.md for the FLOP/byte models.
 """
@@ -24,19 +24,19 @@ import torch
 from . import env
 from .contenders import BASELINE, CONTENDERS, validity
 from .timing import Budget, side_by_side
-from .worker import Workers, WorkerError, calibrate, remote_sample
-from .workloads import NAMED_SHAPES, WORKLOADS, Cell, compulsory_bytes, describe_flops, flops, make_problem, plan
+from .worker import WorkerError, Workers, calibrate, remote_sample
+from .workloads import NAMED_SHAPES, WORKLOADS, Cell, compulsory_bytes, describe_flops, flops, plan
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 #: Named shapes whose cells are always measured for every contender that can run them
-#: (never skipped by the time projection): the paper's scale and the issue-2 target shape.
+#: (never skipped by the time projection): the paper's scale and the core target shape.
 FORCED = ("paper", "core")
 
 #: Seconds a contender may take to build its inputs, compile and run its first call.
 PREPARE_TIMEOUT_S = 1800.0
 
-#: Issue-2 targets at the "core" shape: (workload, what, numerator contender, threshold).
+#: Core targets at the "core" shape: (workload, what, numerator contender, threshold).
 CORE_TARGETS = (
     ("fwd_bwd", "time", "reference", 20.0),
     ("forward", "time", "sklearn", 20.0),
@@ -281,7 +281,7 @@ def memory_ratios(records: List[Dict[str, object]]) -> None:
 
 # ----------------------------------------------------------------------------- reporting
 def evaluate_targets(records: List[Dict[str, object]]) -> List[Dict[str, object]]:
-    """The issue-2 targets at the core shape, from the measured ratios."""
+    """The core targets at the core shape, from the measured ratios."""
     core = NAMED_SHAPES["core"]
     out = []
     for workload, what, name, threshold in CORE_TARGETS:
@@ -395,7 +395,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="fewer sweep points, repeats and contenders per cell")
     ap.add_argument("--smoke", action="store_true", help="implies --quick; one call per contender and cell: "
                     "checks that everything runs and agrees, times nothing worth quoting")
-    ap.add_argument("--targets", choices=("core",), help="only the issue-2 targets at B256 N64 D128 K4 T10, "
+    ap.add_argument("--targets", choices=("core",), help="only the core targets at B256 N64 D128 K4 T10, "
                     "with a profile of where s2m_ext's time goes")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of %(default)s")
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help="comma list of %(default)s")
@@ -468,7 +468,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = format_tables(records, args.contenders, args.device)
     print(report)
     if any(t["met"] is not None for t in targets):
-        print("== issue-2 targets (core shape, float32, same run)")
+        print("== core targets (core shape, float32, same run)")
         print(format_targets(targets))
     os.makedirs(args.out, exist_ok=True)
     path = result_path(args.out, args.device, "-smoke.json" if args.smoke else "-quick.json" if args.quick else ".json")

@@ -14,7 +14,7 @@ import torch
 from .contenders import CHECK_RTOL, CONTENDERS, compare, validity
 from .run import main
 from .timing import Budget, local_sampler, side_by_side
-from .worker import Workers, WorkerError, calibrate
+from .worker import WorkerError, Workers, calibrate
 from .workloads import NAMED_SHAPES, SWEEP_FIELDS, SWEEPS_QUICK, Shape, flops, make_problem, plan
 
 
@@ -108,7 +108,7 @@ def test_plan_covers_every_sweep_once_in_flop_order() -> None:
 
 def test_summary_command_end_to_end(tmp_path, capsys) -> None:
     """A tiny run of `python -m bench`: the table has every contender, the JSON the metadata
-    the issue asks for, ratios relative to s2m_ext, and a stated reason for every skip."""
+    the suite promises, ratios relative to s2m_ext, and a stated reason for every skip."""
     argv = ["--smoke", "--shapes", "paper", "--no-sweeps", "--no-memory", "--out", str(tmp_path),
             "--contenders", "s2m_ext,reference,sklearn,torch_loop,gmm_gpu"]
     assert main(argv) == 0

@@ -1,4 +1,4 @@
-"""The issue-2 targets at B=256, N=64, D=128, K=4, T=10, float32, measured with
+"""The core targets at B=256, N=64, D=128, K=4, T=10, float32, measured with
 pytest-benchmark in one pytest run:
 
 * time, forward+backward: reference under autograd / s2m_ext >= 20;
@@ -72,6 +72,6 @@ def target_lines() -> List[str]:
             medians = MEDIANS.get("core memory", {})
         if BASELINE in medians and name in medians:
             ratio = medians[name] / medians[BASELINE]
-            lines.append(f"issue-2 target {workload} {what}: {name} / s2m_ext = {ratio:.3g}x "
+            lines.append(f"core target {workload} {what}: {name} / s2m_ext = {ratio:.3g}x "
                          f"(target >= {threshold:g}x: {'MET' if ratio >= threshold else 'NOT MET'})")
     return lines

@@ -67,7 +67,7 @@ class Shape:
 
 #: Named shapes. "paper": the Set2Model paper's Omniglot training batch (5 tuples, concept sets
 #: of 10 images, 100-d descriptors, GMM2; a pool of 5 x 20 relevant+irrelevant items).
-#: "core": the shape of the issue-2 speed targets. "medium" and "large": the issue's scale
+#: "core": the shape of the core speed targets. "medium" and "large": the GPU targets' scale
 #: ladder (large is GPU scale: on the CPU only s2m_ext runs it, and only without --quick).
 NAMED_SHAPES: Dict[str, Shape] = {
     "paper": Shape(B=5, N=10, D=100, K=2, T=10, M=100),

@@ -15,7 +15,16 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the library: registers the s2m schemas and kernels)
+try:
+    from . import _C  # noqa: F401  (loads the library: registers the s2m schemas and kernels)
+except ImportError as exc:  # the source tree without a build, shadowing the installed package
+    import os
+
+    raise ImportError(
+        f"s2m_ext's compiled kernels (s2m_ext._C) are not in {os.path.dirname(__file__)}: import the installed "
+        "package (run from outside the source tree, e.g. .venv/bin/pytest rather than python -m pytest in the "
+        "repository root), or build in place: python setup.py build_ext --inplace"
+    ) from exc
 from .adjoint import implicit_vjp
 from .implicit import ImplicitBackward
 

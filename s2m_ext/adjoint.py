@@ -110,7 +110,10 @@ class _OneStepVJP:
     ``x``, ``weights`` and ``traj`` hold the sets of ``rows`` (indices into them; None: all, in
     order); ``free`` (b, P) and the products are for the batch's b sets in that order."""
 
-    def __init__(self, x: Tensor, weights: Tensor, traj: Tuple[Tensor, Tensor, Tensor], free: Tensor, var_floor: float, rows: Optional[Tensor] = None):
+    def __init__(
+        self, x: Tensor, weights: Tensor, traj: Tuple[Tensor, Tensor, Tensor], free: Tensor, var_floor: float,
+        rows: Optional[Tensor] = None,
+    ):
         self.x, self.weights, self.traj, self.free, self.var_floor, self.rows = x, weights, traj, free, var_floor, rows
         batch, (n, d) = free.shape[0], x.shape[1:]
         self.k, self.d = traj[1].shape[2], d

@@ -19,7 +19,6 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-
 __all__ = [
     "DEFAULT_SOLVE_TOL",
     "SOLVERS",

@@ -47,9 +47,9 @@ def component_log_densities(z: Tensor, log_weights: Tensor, means: Tensor, varia
 
 def e_step(x: Tensor, weights: Tensor, log_weights: Tensor, means: Tensor, variances: Tensor) -> Tuple[Tensor, Tensor]:
     """Responsibilities (B,N,K) and the weighted log-likelihood sum_n w_n log p(x_n) (B)."""
-    l = component_log_densities(x, log_weights, means, variances)
-    lse = torch.logsumexp(l, dim=-1)
-    return torch.exp(l - lse.unsqueeze(-1)), (weights * lse).sum(1)
+    log_dens = component_log_densities(x, log_weights, means, variances)
+    lse = torch.logsumexp(log_dens, dim=-1)
+    return torch.exp(log_dens - lse.unsqueeze(-1)), (weights * lse).sum(1)
 
 
 def m_step(

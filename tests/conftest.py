@@ -26,13 +26,24 @@ DTYPES = [torch.float32, torch.float64]
 
 from problems import RTOL  # noqa: E402,F401  (re-exported for the tests)
 
-
-#: Fresh random inputs every session; replay a failure with S2M_TEST_SEED=<seed from the header>.
+#: Fresh random inputs every test run; replay a failure with S2M_TEST_SEED=<seed from the header>.
 SESSION_SEED = int(os.environ.get("S2M_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
+#: The repository root: with S2M_TEST_INSTALLED=1 (CI) the suite refuses to run against the
+#: source tree instead of the installed package.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    package_dir = os.path.dirname(os.path.abspath(s2m_ext.__file__))
+    if os.environ.get("S2M_TEST_INSTALLED") == "1" and package_dir.startswith(REPO_ROOT + os.sep):
+        raise pytest.UsageError(f"S2M_TEST_INSTALLED=1 but s2m_ext was imported from the source tree ({package_dir})")
+
+
 def pytest_report_header(config):
-    return f"s2m_ext test seed: S2M_TEST_SEED={SESSION_SEED}; build: {s2m_ext.build_info()}"
+    return (f"s2m_ext test seed: S2M_TEST_SEED={SESSION_SEED}; s2m_ext from {os.path.dirname(s2m_ext.__file__)}; "
+            f"build: {s2m_ext.build_info()}")
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -48,7 +59,7 @@ def _seed(request):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for a module of tiny tensors: on a shared 2-core machine,
+    """One torch thread for a module of tiny tensors: on a small CPU,
     multi-threaded dispatch costs ~10x there."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

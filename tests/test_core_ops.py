@@ -49,7 +49,8 @@ def test_opcheck_em_fit_backward(device):
 @pytest.mark.parametrize("name", ["score_paired", "score_pool"])
 def test_opcheck_scoring(name, device):
     params = [t.requires_grad_() for t in _mixture(device)]
-    z = torch.randn(2, 5, 3, dtype=torch.float64, device=device) if name == "score_paired" else torch.randn(5, 3, dtype=torch.float64, device=device)
+    z_shape = (2, 5, 3) if name == "score_paired" else (5, 3)
+    z = torch.randn(*z_shape, dtype=torch.float64, device=device)
     torch.library.opcheck(getattr(ops, name).default, (z.requires_grad_(), *params))
     out = getattr(ops, name)(z, *params)
     backward = getattr(ops, name + "_backward").default

@@ -91,7 +91,8 @@ def test_value_checks_can_be_switched_off_and_stay_finite(data):
 @pytest.mark.parametrize(
     "args,exc,match",
     [
-        ((torch.zeros(3, 2), torch.zeros(3, 2, 4), torch.ones(3, 2, 4, dtype=torch.float64)), TypeError, "^variances must have the dtype of means"),
+        ((torch.zeros(3, 2), torch.zeros(3, 2, 4), torch.ones(3, 2, 4, dtype=torch.float64)), TypeError,
+         "^variances must have the dtype of means"),
         ((torch.zeros(3, 3), torch.zeros(3, 2, 4), torch.ones(3, 2, 4)), ValueError, r"^log_weights must have shape \(B, K\) = \(3, 2\)"),
         ((torch.zeros(3, 2), torch.zeros(3, 2, 4), torch.ones(3, 2, 5)), ValueError, "^variances must have the shape of means"),
         ((torch.zeros(3, 2), torch.zeros(2, 4), torch.ones(2, 4)), ValueError, r"^means must have shape \(B, K, D\)"),

@@ -35,7 +35,7 @@ requires_gpu = pytest.mark.skipif(not BUILD["cuda_available"], reason="needs a C
 
 OPS = ("em_fit", "em_fit_backward", "score_paired", "score_paired_backward", "score_pool", "score_pool_backward", "kmeanspp")
 
-#: The core shapes plus the large one of the issue (N=1024, D=2048, K=16).
+#: The core shapes plus a large one (N=1024, D=2048, K=16).
 CUDA_SHAPES = SHAPES + [("large", 2, 1024, 2048, 16, {})]
 T_ITER = 5
 

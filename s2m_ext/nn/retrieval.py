@@ -27,7 +27,8 @@ def average_precision(scores: Tensor, relevant: Tensor, valid: Optional[Tensor] 
         without a relevant valid item raise ValueError (their AP is undefined).
     """
     if scores.dim() != 2 or relevant.shape != scores.shape or relevant.dtype != torch.bool:
-        raise ValueError(f"scores must be (B, M) and relevant a bool tensor of the same shape, got {tuple(scores.shape)} and {tuple(relevant.shape)}")
+        raise ValueError(f"scores must be (B, M) and relevant a bool tensor of the same shape, "
+                         f"got {tuple(scores.shape)} and {tuple(relevant.shape)}")
     if valid is not None:
         if valid.shape != scores.shape or valid.dtype != torch.bool:
             raise ValueError(f"valid must be a bool tensor of shape {tuple(scores.shape)}")
