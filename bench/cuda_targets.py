@@ -34,6 +34,13 @@ import torch
 import s2m_ext
 from s2m_ext import DiagGMM, reference
 
+try:  # the suite's FLOP and byte models (bench/NOTES.md), as a package or run as a script
+    from .workloads import Shape, compulsory_bytes
+    from .workloads import flops as model_flops
+except ImportError:
+    from workloads import Shape, compulsory_bytes
+    from workloads import flops as model_flops
+
 ops = s2m_ext.ops
 
 
@@ -114,19 +121,6 @@ def em_problem(B: int, N: int, D: int, K: int, dtype=torch.float32, seed: int = 
     return x, w, (log_weights, means, variances)
 
 
-def em_flops(B: int, N: int, D: int, K: int, T: int) -> float:
-    """Forward FLOPs (bench/NOTES.md, CUDA): 10 N K D per iteration (E-step 4, weighted mean 2,
-    centred second moment 4) plus 4 N K D for the final log-likelihood pass."""
-    return float(B) * (10 * T + 4) * N * K * D
-
-
-def em_bytes(B: int, N: int, D: int, K: int, itemsize: int = 4) -> float:
-    """Compulsory bytes of the forward without trajectory: x, w and the initial parameters
-    read once, the final parameters and the per-set results written once."""
-    params = B * (K + 2 * K * D)
-    return float(itemsize) * (B * N * D + B * N + 2 * params + B) + B * (8 + 1)
-
-
 # ----------------------------------------------------------------------------- targets
 def target_fwd_bwd(quick: bool, log) -> Dict[str, object]:
     B, N, D, K, T = 1024, 64, 128, 4, 10
@@ -193,7 +187,8 @@ def target_roofline(quick: bool, log, copy_gbs: float, peak: Dict[str, float]) -
 
     samples = side_by_side({"s2m_ext": forward}, {"s2m_ext": 5 if quick else 15}, warmup=1)["s2m_ext"]
     t = median(samples) * 1e-3
-    flops, n_bytes = em_flops(B, N, D, K, T), em_bytes(B, N, D, K)
+    shape = Shape(B=B, N=N, D=D, K=K, T=T)
+    flops, n_bytes = model_flops("forward", shape), compulsory_bytes("forward", shape)
     t_flop = flops / (peak["tflops"] * 1e12)
     t_byte = n_bytes / (copy_gbs * 1e9)
     bound = max(t_flop, t_byte)

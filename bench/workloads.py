@@ -154,7 +154,6 @@ def make_problem(
     noise), like descriptors of a polysemous concept, so that EM is well conditioned and
     float32 contenders agree with each other to rounding (which the suite checks)."""
     import s2m_ext
-    from s2m_ext.gmm import _kmeanspp_init
 
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
@@ -166,7 +165,8 @@ def make_problem(
     x_cpu += torch.randn(B, N, D, generator=gen, dtype=dtype)
     x = x_cpu.to(device).contiguous()
     weights = torch.ones(B, N, device=device, dtype=dtype)
-    init = _kmeanspp_init(x, weights, K, VAR_FLOOR, gen, s2m_ext.ops.kmeanspp)
+    # n_iter=0: the k-means++ initial parameters themselves.
+    init = s2m_ext.fit_gmm(x, weights, n_components=K, n_iter=0, var_floor=VAR_FLOOR, generator=gen).params()
     init = tuple(t.contiguous() for t in init)
     cot = tuple(torch.randn(t.shape, generator=gen, dtype=dtype).to(device) for t in init)
     problem = Problem(shape, device, dtype, x, weights, init, cot)

@@ -31,7 +31,7 @@ from .data.base import ClassImages, mix_seed
 from .data.sources import DATA_SOURCES, data_config
 from .nn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
-from .nn.scorers import SCORER_NAMES, display_name, make_scorer
+from .nn.scorers import MIXTURE_DEFAULTS, SCORER_NAMES, display_name, make_scorer
 from .train import default_threads
 
 __all__ = ["evaluate", "main", "confidence_interval"]
@@ -148,9 +148,9 @@ def evaluate(
             for name in names:
                 scorer = make_scorer(
                     name,
-                    n_iter=spec.get("n_iter", 10) if n_iter is None else n_iter,
-                    var_floor=spec.get("var_floor", 0.01) if var_floor is None else var_floor,
-                    tol=spec.get("tol", 0.0),
+                    n_iter=spec.get("n_iter", MIXTURE_DEFAULTS.n_iter) if n_iter is None else n_iter,
+                    var_floor=spec.get("var_floor", MIXTURE_DEFAULTS.var_floor) if var_floor is None else var_floor,
+                    tol=spec.get("tol", MIXTURE_DEFAULTS.tol),
                 )
                 for nz in noise:
                     maps = []

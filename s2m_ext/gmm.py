@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -178,15 +178,40 @@ class DiagGMM:
 
 Seeder = Callable[[Tensor, Tensor, Tensor], Tensor]
 InitParams = Tuple[Tensor, Tensor, Tensor]
+#: k-means++ randomness: torch's global RNG (None), one generator for the batch, or one per set.
+GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
 
 
-def _kmeanspp_init(x: Tensor, weights: Tensor, k: int, var_floor: float, generator, seeder: Seeder) -> InitParams:
+def _check_generator(generator, batch: int) -> GeneratorArg:
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(
+                f"generator must hold one torch.Generator per set (B = {batch}), got a {type(generator).__name__} of "
+                f"{len(generator)}: {sorted({type(g).__name__ for g in generator})}"
+            )
+        return tuple(generator)
+    raise TypeError(
+        f"generator must be a torch.Generator, a list of B torch.Generators or None, got {type(generator).__name__}"
+    )
+
+
+def _uniforms(generator: GeneratorArg, batch: int, k: int, device: torch.device) -> Tensor:
+    """(B, k) float64 uniforms for the k-means++ draws. Per-set generators give each set the
+    draws it would get fitted alone, whatever the batch it is in."""
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        return torch.rand((batch, k), generator=generator, dtype=torch.float64, device=gen_device).to(device)
+    return torch.cat([torch.rand((1, k), generator=g, dtype=torch.float64, device=g.device).to(device) for g in generator])
+
+
+def _kmeanspp_init(x: Tensor, weights: Tensor, k: int, var_floor: float, generator: GeneratorArg, seeder: Seeder) -> InitParams:
     """k-means++ means, the set's weighted per-dimension variance + var_floor for every
     component, and uniform weights. Constants for autograd (computed without history)."""
     batch, _, dims = x.shape
     with torch.no_grad():
-        gen_device = generator.device if generator is not None else x.device
-        uniforms = torch.rand((batch, k), generator=generator, dtype=torch.float64, device=gen_device).to(x.device)
+        uniforms = _uniforms(generator, batch, k, x.device)
         idx = seeder(x.detach(), weights.detach(), uniforms)
         means = torch.gather(x.detach(), 1, idx.unsqueeze(-1).expand(batch, k, dims))
         w = weights.detach().unsqueeze(-1)
@@ -220,8 +245,7 @@ def prepare_fit(
     tol = V.check_nonnegative_float(tol, "tol")
     if n_components is not None:
         n_components = V.check_int(n_components, "n_components", 1)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    generator = _check_generator(generator, x.shape[0])
     V.check_finite(x, "x")
     weights = V.normalise_weights(weights, x)
 
@@ -256,7 +280,7 @@ def fit_gmm(
     n_iter: int = 10,
     init: Union[str, DiagGMM] = "kmeans++",
     var_floor: float = 1e-3,
-    generator: Optional[torch.Generator] = None,
+    generator: GeneratorArg = None,
     tol: float = 0.0,
     backward: Union[str, implicit.ImplicitBackward] = "unrolled",
 ) -> DiagGMM:
@@ -273,7 +297,9 @@ def fit_gmm(
             warm-start from (e.g. a per-class cache).
         var_floor: added to every fitted variance (>= 0).
         generator: torch.Generator for the k-means++ draws (default: torch's global RNG on
-            x's device). The same seed gives the same fit.
+            x's device), or a list of B generators, one per set: each set then gets the
+            draws it would get fitted alone (independent of batching). The same seeds give
+            the same fit.
         tol: stop a set early once its mean log-likelihood changes by less than tol between
             iterations (scikit-learn's rule); 0 (default) runs exactly n_iter iterations.
         backward: ``"unrolled"`` (default): differentiate the iterations that ran, keeping

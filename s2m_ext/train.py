@@ -43,7 +43,7 @@ from .implicit import SOLVERS, ImplicitGradientWarning
 from .nn import HistogramLoss, model_from_spec
 from .nn.checkpoint import load_checkpoint, save_checkpoint
 from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
-from .nn.scorers import BACKWARDS, SCORER_NAMES
+from .nn.scorers import BACKWARDS, MIXTURE_DEFAULTS, SCORER_NAMES
 
 __all__ = ["TrainConfig", "train", "main", "validation_map"]
 
@@ -73,11 +73,11 @@ class TrainConfig:
     dim: int = 64
     width: int = 64
     depth: int = 4
-    n_iter: int = 10
-    var_floor: float = 0.01
-    tol: float = 0.0
-    backward: str = "unrolled"
-    implicit_solver: str = "gmres"
+    n_iter: int = MIXTURE_DEFAULTS.n_iter
+    var_floor: float = MIXTURE_DEFAULTS.var_floor
+    tol: float = MIXTURE_DEFAULTS.tol
+    backward: str = MIXTURE_DEFAULTS.backward
+    implicit_solver: str = MIXTURE_DEFAULTS.implicit_solver
     bins: int = 100
     dtype: str = "float32"
     init_from: Optional[str] = None

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..implicit import ImplicitBackward
-from .scorers import AvgScorer, Generators, GMMScorer, NNScorer, SetScorer
+from .scorers import MIXTURE_DEFAULTS, AvgScorer, Generators, GMMScorer, NNScorer, SetScorer
 
 __all__ = ["ConceptModel", "Set2Model", "AvgModel", "NNModel", "build_model", "model_from_spec"]
 
@@ -125,11 +125,11 @@ class Set2Model(ConceptModel):
         self,
         embed: nn.Module,
         n_components: int = 1,
-        n_iter: int = 10,
-        var_floor: float = 0.01,
+        n_iter: int = MIXTURE_DEFAULTS.n_iter,
+        var_floor: float = MIXTURE_DEFAULTS.var_floor,
         init: str = "kmeans++",
-        tol: float = 0.0,
-        backward: Union[str, ImplicitBackward] = "unrolled",
+        tol: float = MIXTURE_DEFAULTS.tol,
+        backward: Union[str, ImplicitBackward] = MIXTURE_DEFAULTS.backward,
         item_dims: int = 3,
     ) -> None:
         super().__init__(embed, GMMScorer(n_components, n_iter, var_floor, init, tol, backward), item_dims)
@@ -152,10 +152,10 @@ class NNModel(ConceptModel):
 def build_model(
     scorer: str,
     embedding: dict,
-    n_iter: int = 10,
-    var_floor: float = 0.01,
-    tol: float = 0.0,
-    backward: Union[str, ImplicitBackward] = "unrolled",
+    n_iter: int = MIXTURE_DEFAULTS.n_iter,
+    var_floor: float = MIXTURE_DEFAULTS.var_floor,
+    tol: float = MIXTURE_DEFAULTS.tol,
+    backward: Union[str, ImplicitBackward] = MIXTURE_DEFAULTS.backward,
 ) -> ConceptModel:
     """A :class:`ConceptModel` with a :class:`~s2m_ext.nn.ConvEmbedding` built from the
     ``embedding`` keyword arguments and the scorer named ``scorer`` (see
@@ -169,9 +169,10 @@ def build_model(
 def model_from_spec(spec: Dict[str, Any]) -> ConceptModel:
     """:func:`build_model` from the model description s2m-train writes into its checkpoints:
     ``scorer``, ``embedding`` and optionally ``n_iter``, ``var_floor``, ``tol``, ``backward``
-    and ``implicit_solver`` (defaults as in :class:`Set2Model`)."""
-    backward = spec.get("backward", "unrolled")
+    and ``implicit_solver`` (defaults: :data:`~s2m_ext.nn.scorers.MIXTURE_DEFAULTS`)."""
+    d = MIXTURE_DEFAULTS
+    backward = spec.get("backward", d.backward)
     if backward == "implicit":
-        backward = ImplicitBackward(solver=spec.get("implicit_solver", "fixed_point"))
-    return build_model(spec["scorer"], spec["embedding"], spec.get("n_iter", 10), spec.get("var_floor", 0.01),
-                       spec.get("tol", 0.0), backward)
+        backward = ImplicitBackward(solver=spec.get("implicit_solver", d.implicit_solver))
+    return build_model(spec["scorer"], spec["embedding"], spec.get("n_iter", d.n_iter), spec.get("var_floor", d.var_floor),
+                       spec.get("tol", d.tol), backward)

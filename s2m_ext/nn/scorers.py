@@ -13,6 +13,7 @@ Higher scores mean "more likely to belong to the concept".
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -21,12 +22,38 @@ from torch import Tensor, nn
 from ..gmm import DiagGMM, fit_gmm
 from ..implicit import ImplicitBackward
 
-__all__ = ["SetScorer", "GMMScorer", "AvgScorer", "NNScorer", "make_scorer", "SCORER_NAMES", "display_name"]
+__all__ = [
+    "SetScorer", "GMMScorer", "AvgScorer", "NNScorer", "make_scorer", "SCORER_NAMES", "display_name",
+    "MixtureDefaults", "MIXTURE_DEFAULTS",
+]
 
 Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
 
 #: Gradients of the mixture fit (see :func:`s2m_ext.fit_gmm`).
 BACKWARDS = ("unrolled", "implicit")
+
+
+
+@dataclass(frozen=True)
+class MixtureDefaults:
+    """The mixture scorers' defaults, the one place they are written: :class:`GMMScorer`,
+    :class:`~s2m_ext.nn.Set2Model`, :func:`make_scorer`, model specs in checkpoints and the
+    programs' flags all read them.
+
+    n_iter: EM iterations for K > 1. var_floor: the paper's floor for a fresh fit of
+    L2-normalised descriptors. tol: 0, always n_iter iterations. backward: "unrolled".
+    implicit_solver: the adjoint solver of backward="implicit" in trained models and
+    ``s2m-train`` ("gmres": far fewer failed solves than "fixed_point" on converged fits).
+    """
+
+    n_iter: int = 10
+    var_floor: float = 0.01
+    tol: float = 0.0
+    backward: str = "unrolled"
+    implicit_solver: str = "gmres"
+
+
+MIXTURE_DEFAULTS = MixtureDefaults()
 
 #: Scorer names accepted by :func:`make_scorer` and the command-line programs.
 SCORER_NAMES = ("gauss", "gmm2", "gmm3", "gmm4", "avg", "nn")
@@ -84,11 +111,11 @@ class GMMScorer(SetScorer):
     def __init__(
         self,
         n_components: int = 1,
-        n_iter: int = 10,
-        var_floor: float = 0.01,
+        n_iter: int = MIXTURE_DEFAULTS.n_iter,
+        var_floor: float = MIXTURE_DEFAULTS.var_floor,
         init: str = "kmeans++",
-        tol: float = 0.0,
-        backward: Union[str, ImplicitBackward] = "unrolled",
+        tol: float = MIXTURE_DEFAULTS.tol,
+        backward: Union[str, ImplicitBackward] = MIXTURE_DEFAULTS.backward,
     ) -> None:
         super().__init__()
         if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
@@ -121,23 +148,9 @@ class GMMScorer(SetScorer):
             # any valid one will do, and no random draw is spent.
             zeros = desc.new_zeros(batch, 1, dims)
             return DiagGMM(zeros[:, :, 0], zeros, torch.ones_like(zeros))
-        if generators is None or isinstance(generators, torch.Generator):
-            return "kmeans++"
-        if len(generators) != batch:
+        if generators is not None and not isinstance(generators, torch.Generator) and len(generators) != batch:
             raise ValueError(f"generators must hold one torch.Generator per concept set ({batch}), got {len(generators)}")
-        with torch.no_grad():
-            parts = [
-                fit_gmm(
-                    desc[b : b + 1].detach(),
-                    None if weights is None else weights[b : b + 1],
-                    n_components=self.n_components,
-                    n_iter=0,
-                    var_floor=self.var_floor,
-                    generator=gen,
-                )
-                for b, gen in enumerate(generators)
-            ]
-        return DiagGMM(*(torch.cat(ts) for ts in zip(*(p.params() for p in parts))))
+        return "kmeans++"  # fit_gmm draws from the generator(s) itself, batched
 
     def fit(self, desc: Tensor, mask: Optional[Tensor] = None, generators: Generators = None) -> DiagGMM:
         mask = _check_desc(desc, mask)
@@ -150,7 +163,7 @@ class GMMScorer(SetScorer):
             n_iter=1 if self.n_components == 1 else self.n_iter,
             init=init,
             var_floor=self.var_floor,
-            generator=generators if isinstance(generators, torch.Generator) else None,
+            generator=generators if generators is None or isinstance(generators, torch.Generator) else list(generators),
             # K = 1 is one closed-form M-step: already the optimum, nothing to iterate.
             tol=self.tol if self.n_components > 1 else 0.0,
             backward=self.backward if self.n_components > 1 else "unrolled",
@@ -214,10 +227,10 @@ class NNScorer(SetScorer):
 
 def make_scorer(
     name: str,
-    n_iter: int = 10,
-    var_floor: float = 0.01,
-    tol: float = 0.0,
-    backward: Union[str, ImplicitBackward] = "unrolled",
+    n_iter: int = MIXTURE_DEFAULTS.n_iter,
+    var_floor: float = MIXTURE_DEFAULTS.var_floor,
+    tol: float = MIXTURE_DEFAULTS.tol,
+    backward: Union[str, ImplicitBackward] = MIXTURE_DEFAULTS.backward,
 ) -> SetScorer:
     """A scorer by name: ``gauss`` (S2M-Gauss), ``gmm2``..``gmm4`` (S2M-GMMk, or any
     ``gmm<K>``), ``avg`` or ``nn``. ``n_iter``, ``var_floor``, ``tol`` and ``backward`` apply
