@@ -97,13 +97,12 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     progress: bool = True
-    stop_after: int = 0
 
 
 #: Fields a resumed run may change; every other field must match the checkpoint.
 RUNTIME_FIELDS = {
     "steps", "out", "resume", "checkpoint_minutes", "checkpoint_every", "val_every",
-    "device", "threads", "progress", "stop_after", "data_root",
+    "device", "threads", "progress", "data_root",
 }
 
 
@@ -263,7 +262,6 @@ def _resume_config(cfg: TrainConfig, explicit: Sequence[str], saved: Dict[str, A
     """The saved run's config with the runtime fields given on the command line; a
     training-defining field given with another value is an error."""
     merged = TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
-    merged.stop_after = cfg.stop_after  # a simulated kill is never inherited
     conflicts = []
     for name in explicit:
         value = getattr(cfg, name)
@@ -276,154 +274,192 @@ def _resume_config(cfg: TrainConfig, explicit: Sequence[str], saved: Dict[str, A
     return merged
 
 
-def train(cfg: TrainConfig, explicit: Sequence[str] = ()) -> Dict[str, Any]:
+def train(cfg: TrainConfig, explicit: Sequence[str] = (), *, stop_after: int = 0) -> Dict[str, Any]:
     """Run (or resume) a training run; returns a summary dict (steps done, last loss, best
     validation mAP, checkpoint paths, the model). ``explicit`` names the fields the user set
     (when resuming, only those override the checkpoint's config). torch's CPU thread count
-    is set for the run and restored afterwards."""
+    is set for the run and restored afterwards. ``stop_after`` > 0 simulates a run killed
+    after that many steps (it leaves without the final checkpoint; for tests of resuming)."""
     threads_before = torch.get_num_threads()
     try:
-        return _train(cfg, explicit)
+        run = _Run(cfg, explicit)
+        try:
+            while run.step < run.cfg.steps:
+                run.train_step()
+                last = run.step == run.cfg.steps
+                run.validate(last)
+                if stop_after and run.step >= stop_after and not last:
+                    return {"step": run.step, "interrupted": True, "history": run.history}
+                run.checkpoint(last)
+        finally:
+            run.close_progress()
+        return run.finish()
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train(cfg: TrainConfig, explicit: Sequence[str]) -> Dict[str, Any]:
-    rank, world, local_rank = _distributed()
-    resume_payload = None
-    if cfg.resume:
-        path = Path(cfg.out) / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
-        resume_payload = load_checkpoint(path)
-        cfg = _resume_config(cfg, explicit, resume_payload["config"])
-        cfg.resume = str(path)
-    _check_config(cfg)
-    if cfg.tuples % world:
-        raise ValueError(f"--tuples ({cfg.tuples}) must be divisible by the number of processes ({world})")
-    threads = cfg.threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    torch.set_num_threads(threads)
-    device = _device(cfg, local_rank)
-    dtype = getattr(torch, cfg.dtype)
+class _Run:
+    """One training run: its configuration, model, optimiser, data and bookkeeping. Built (or
+    restored from a checkpoint) by the constructor; :func:`train` drives the steps."""
 
-    splits = load_splits(data_spec(cfg), which=("train", "val"))
-    train_data, val_data = splits["train"], splits["val"]
-    torch.manual_seed(cfg.seed)
-    model = model_from_spec(model_spec(cfg)).to(device, dtype)
-    if cfg.init_from and resume_payload is None:
-        _load_embedding(model, cfg.init_from, model_spec(cfg)["embedding"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, history, val_history, best_val, elapsed_before = 0, [], [], -math.inf, 0.0
-    if resume_payload is not None:
-        model.load_state_dict(resume_payload["state_dict"])
-        optimizer.load_state_dict(resume_payload["optimizer"])
-        step = int(resume_payload["step"])
-        history, val_history = list(resume_payload["history"]), list(resume_payload["val_history"])
-        best_val = float(resume_payload["best_val"])
-        elapsed_before = float(resume_payload.get("elapsed_s", 0.0))
-        _set_rng_state(resume_payload["rng"])
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    def __init__(self, cfg: TrainConfig, explicit: Sequence[str]) -> None:
+        self.rank, self.world, local_rank = _distributed()
+        resume_payload = None
+        if cfg.resume:
+            path = Path(cfg.out) / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
+            resume_payload = load_checkpoint(path)
+            cfg = _resume_config(cfg, explicit, resume_payload["config"])
+            cfg.resume = str(path)
+        _check_config(cfg)
+        if cfg.tuples % self.world:
+            raise ValueError(f"--tuples ({cfg.tuples}) must be divisible by the number of processes ({self.world})")
+        self.cfg = cfg
+        self.threads = cfg.threads or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
+        torch.set_num_threads(self.threads)
+        self.device = _device(cfg, local_rank)
+        self.dtype = getattr(torch, cfg.dtype)
 
-    sampler = EpisodeSampler(train_data, cfg.concept_size, cfg.n_relevant, cfg.n_irrelevant, cfg.noise, cfg.polysemy, cfg.seed)
-    loss_fn = HistogramLoss(cfg.bins)
-    local = cfg.tuples // world
-    out = Path(cfg.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        splits = load_splits(data_spec(cfg), which=("train", "val"))
+        self.train_data, self.val_data = splits["train"], splits["val"]
+        torch.manual_seed(cfg.seed)
+        self.model = model_from_spec(model_spec(cfg)).to(self.device, self.dtype)
+        if cfg.init_from and resume_payload is None:
+            _load_embedding(self.model, cfg.init_from, model_spec(cfg)["embedding"])
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step, self.history, self.val_history, self.best_val, self.elapsed_before = 0, [], [], -math.inf, 0.0
+        if resume_payload is not None:
+            self.model.load_state_dict(resume_payload["state_dict"])
+            self.optimizer.load_state_dict(resume_payload["optimizer"])
+            self.step = int(resume_payload["step"])
+            self.history, self.val_history = list(resume_payload["history"]), list(resume_payload["val_history"])
+            self.best_val = float(resume_payload["best_val"])
+            self.elapsed_before = float(resume_payload.get("elapsed_s", 0.0))
+            _set_rng_state(resume_payload["rng"])
+        self.net = self.model
+        if self.world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
 
-    def payload(current_step: int) -> Dict[str, Any]:
+        self.sampler = EpisodeSampler(self.train_data, cfg.concept_size, cfg.n_relevant, cfg.n_irrelevant, cfg.noise,
+                                      cfg.polysemy, cfg.seed)
+        self.loss_fn = HistogramLoss(cfg.bins)
+        self.local = cfg.tuples // self.world
+        self.out = Path(cfg.out)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.bar = None
+        if self.rank == 0 and cfg.progress:
+            tqdm = require("tqdm.auto", "train", "the progress bar (--no-progress turns it off)").tqdm
+            self.bar = tqdm(total=cfg.steps, initial=self.step, desc=f"s2m-train {cfg.scorer}", dynamic_ncols=True,
+                            mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        self.started = self.last_save = time.monotonic()
+        if self.rank == 0:
+            self.log({"event": "resume" if resume_payload is not None else "start", "step": self.step,
+                      "world_size": self.world, "threads": self.threads, "config": dataclasses.asdict(cfg)})
+        self.model.train()
+        self.ema: Optional[float] = None
+        self.fit_warnings = FitWarningCounter()
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, over every resumed part of the run."""
+        return self.elapsed_before + time.monotonic() - self.started
+
+    def payload(self) -> Dict[str, Any]:
+        """The checkpoint of the run as it is now."""
+        cfg = self.cfg
         return {
             "config": dataclasses.asdict(cfg),
             "model": model_spec(cfg),
             "data": data_spec(cfg),
-            "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": current_step,
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
             "rng": _rng_state(),
-            "history": history,
-            "val_history": val_history,
-            "best_val": best_val,
-            "world_size": world,
-            "elapsed_s": elapsed_before + time.monotonic() - started,
+            "history": self.history,
+            "val_history": self.val_history,
+            "best_val": self.best_val,
+            "world_size": self.world,
+            "elapsed_s": self.elapsed(),
         }
 
-    def log(record: Dict[str, Any]) -> None:
-        with open(out / "log.jsonl", "a") as fh:
+    def log(self, record: Dict[str, Any]) -> None:
+        with open(self.out / "log.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
-    bar = None
-    if rank == 0 and cfg.progress:
-        tqdm = require("tqdm.auto", "train", "the progress bar (--no-progress turns it off)").tqdm
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"s2m-train {cfg.scorer}", dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    started = last_save = time.monotonic()
-    if rank == 0:
-        log({"event": "resume" if resume_payload is not None else "start", "step": step, "world_size": world,
-             "threads": threads, "config": dataclasses.asdict(cfg)})
-    model.train()
-    ema = None
-    fit_warnings = FitWarningCounter()
-    while step < cfg.steps:
-        batch = sampler.batch(step, rank * local, (rank + 1) * local)
-        concept, queries = batch.images(train_data, dtype, device)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
+    def train_step(self) -> None:
+        """One optimisation step on this process's share of the tuples."""
+        cfg = self.cfg
+        batch = self.sampler.batch(self.step, self.rank * self.local, (self.rank + 1) * self.local)
+        concept, queries = batch.images(self.train_data, self.dtype, self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, self.step)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", FIT_WARNINGS)
-            scores = net(concept, queries, generators=batch.generators())
-            loss = loss_fn(scores[:, : cfg.n_relevant], scores[:, cfg.n_relevant :])
-            optimizer.zero_grad(set_to_none=True)
+            scores = self.net(concept, queries, generators=batch.generators())
+            loss = self.loss_fn(scores[:, : cfg.n_relevant], scores[:, cfg.n_relevant :])
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        fit_warnings.record(caught, announce=rank == 0)
-        optimizer.step()
-        step += 1
+        self.fit_warnings.record(caught, announce=self.rank == 0)
+        self.optimizer.step()
+        self.step += 1
         step_loss = loss.detach()
-        if world > 1:  # for the log only: the mean over the global batch
+        if self.world > 1:  # for the log only: the mean over the global batch
             dist.all_reduce(step_loss)
-            step_loss /= world
-        history.append(float(step_loss))
-        ema = history[-1] if ema is None else 0.98 * ema + 0.02 * history[-1]
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{ema:.4f}", val_mAP=f"{val_history[-1]['map']:.3f}" if val_history else "-")
-        last = step == cfg.steps
-        if rank == 0 and (step % cfg.val_every == 0 or last):
-            val_map = validation_map(model, val_data, cfg.concept_size, cfg.val_seed, dtype)
-            val_history.append({"step": step, "map": val_map})
-            recent = history[-cfg.val_every :]
-            log({"event": "val", "step": step, "loss": sum(recent) / len(recent), "val_map": val_map,
-                 "fit_warnings": fit_warnings.take(), "elapsed_s": round(elapsed_before + time.monotonic() - started, 1)})
-            if val_map > best_val:
-                best_val = val_map
-                save_checkpoint(out / "best.pt", payload(step))
-        if cfg.stop_after and step >= cfg.stop_after and not last:
-            # Simulates a killed run (for tests): leave without the final checkpoint.
-            if bar is not None:
-                bar.close()
-            return {"step": step, "interrupted": True, "history": history}
-        due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
-            time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes
+            step_loss /= self.world
+        self.history.append(float(step_loss))
+        self.ema = self.history[-1] if self.ema is None else 0.98 * self.ema + 0.02 * self.history[-1]
+        if self.bar is not None:
+            self.bar.update(1)
+            val = f"{self.val_history[-1]['map']:.3f}" if self.val_history else "-"
+            self.bar.set_postfix(loss=f"{self.ema:.4f}", val_mAP=val)
+
+    def validate(self, last: bool) -> None:
+        """Every val_every steps and at the end (rank 0): validation mAP, logged; a new best
+        is saved as best.pt."""
+        cfg = self.cfg
+        if self.rank != 0 or not (self.step % cfg.val_every == 0 or last):
+            return
+        val_map = validation_map(self.model, self.val_data, cfg.concept_size, cfg.val_seed, self.dtype)
+        self.val_history.append({"step": self.step, "map": val_map})
+        recent = self.history[-cfg.val_every :]
+        self.log({"event": "val", "step": self.step, "loss": sum(recent) / len(recent), "val_map": val_map,
+                  "fit_warnings": self.fit_warnings.take(), "elapsed_s": round(self.elapsed(), 1)})
+        if val_map > self.best_val:
+            self.best_val = val_map
+            save_checkpoint(self.out / "best.pt", self.payload())
+
+    def checkpoint(self, last: bool) -> None:
+        """last.pt every checkpoint_every steps, every checkpoint_minutes and at the end (rank 0)."""
+        cfg = self.cfg
+        due = (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or (
+            time.monotonic() - self.last_save >= 60 * cfg.checkpoint_minutes
         )
-        if rank == 0 and (due or last):
-            save_checkpoint(out / "last.pt", payload(step))
-            last_save = time.monotonic()
-    if bar is not None:
-        bar.close()
-    if rank == 0:
-        log({"event": "end", "step": step, "best_val_map": best_val,
-             "elapsed_s": round(elapsed_before + time.monotonic() - started, 1)})
-    if world > 1:
-        dist.barrier()
-    return {
-        "step": step,
-        "interrupted": False,
-        "history": history,
-        "val_history": val_history,
-        "best_val": best_val,
-        "last": str(out / "last.pt"),
-        "best": str(out / "best.pt"),
-        "model": model,
-    }
+        if self.rank == 0 and (due or last):
+            save_checkpoint(self.out / "last.pt", self.payload())
+            self.last_save = time.monotonic()
+
+    def close_progress(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def finish(self) -> Dict[str, Any]:
+        """The end of a completed run: the final log record, and the summary of :func:`train`."""
+        if self.rank == 0:
+            self.log({"event": "end", "step": self.step, "best_val_map": self.best_val,
+                      "elapsed_s": round(self.elapsed(), 1)})
+        if self.world > 1:
+            dist.barrier()
+        return {
+            "step": self.step,
+            "interrupted": False,
+            "history": self.history,
+            "val_history": self.val_history,
+            "best_val": self.best_val,
+            "last": str(self.out / "last.pt"),
+            "best": str(self.out / "best.pt"),
+            "model": self.model,
+        }
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -79,11 +79,11 @@ def test_fit_warnings_are_counted_per_step_and_printed_once(tmp_path, capsys):
 def test_resume_after_interruption_is_exact(tmp_path):
     straight = train(tiny(tmp_path, "straight", scorer="gmm2", steps=7, checkpoint_every=3))
     # The same run killed after step 5: its last checkpoint is at step 3.
-    cut = tiny(tmp_path, "cut", scorer="gmm2", steps=7, checkpoint_every=3, stop_after=5)
-    assert train(cut)["interrupted"]
+    cut = tiny(tmp_path, "cut", scorer="gmm2", steps=7, checkpoint_every=3)
+    assert train(cut, stop_after=5)["interrupted"]
     saved = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert saved["step"] == 3 and len(saved["history"]) == 3
-    resumed = train(replace(cut, stop_after=0, resume="auto"), explicit=["resume", "out"])
+    resumed = train(replace(cut, resume="auto"), explicit=["resume", "out"])
     assert resumed["step"] == 7
     assert resumed["history"] == straight["history"]  # steps 4..7 recomputed, none lost or repeated
     final_a = load_checkpoint(tmp_path / "straight" / "last.pt")
@@ -94,7 +94,7 @@ def test_resume_after_interruption_is_exact(tmp_path):
     events = [(r["event"], r["step"]) for r in map(json.loads, open(tmp_path / "cut" / "log.jsonl"))]
     assert events == [("start", 0), ("resume", 3), ("val", 7), ("end", 7)]
     # A finished run resumed with more steps continues from where it ended.
-    longer = train(replace(cut, stop_after=0, resume="auto", steps=9), explicit=["resume", "out", "steps"])
+    longer = train(replace(cut, resume="auto", steps=9), explicit=["resume", "out", "steps"])
     assert longer["step"] == 9 and longer["history"][:7] == straight["history"]
 
 
