@@ -302,7 +302,7 @@ struct MahalanobisTerm {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
       const T diff = xv.v[v] - m.v[v];
-      acc = std::fma(diff * diff, s.v[v], acc);
+      acc = std::fma(diff * diff, s.v[v], acc);  // sass-loop: estep
     }
   }
 };
@@ -385,7 +385,8 @@ struct WeightedMeanTerm {
 #pragma unroll
     for (int j = 0; j < kKC; ++j)
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[0][j][v] = std::fma(q[j], xv.v[v], acc[0][j][v]);
+      for (int v = 0; v < VEC; ++v)
+        acc[0][j][v] = std::fma(q[j], xv.v[v], acc[0][j][v]);  // sass-loop: mstep-mean
   }
   S2M_DEV void finish(int k, int d, const T (&sums)[1]) const {
     const int i = k * s->D + d;
@@ -419,7 +420,7 @@ struct CentredMomentTerm {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const T diff = xv.v[v] - it.mu[j][v];
-        acc[0][j][v] = std::fma(q[j] * diff, diff, acc[0][j][v]);
+        acc[0][j][v] = std::fma(q[j] * diff, diff, acc[0][j][v]);  // sass-loop: mstep-var
       }
   }
 };
@@ -613,7 +614,7 @@ struct MomentGradTerm {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
       const T delta = xv.v[v] - m.v[v];
-      acc = std::fma(a.v[v] + c.v[v] * delta, delta, acc);
+      acc = std::fma(a.v[v] + c.v[v] * delta, delta, acc);  // sass-loop: bwd-moment
     }
   }
 };
@@ -662,7 +663,7 @@ struct LogDensityGradTerm {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const T e = (xv.v[v] - it.mu[j][v]) * it.iv[j][v];
-        acc[0][j][v] = std::fma(gl[j], e, acc[0][j][v]);
+        acc[0][j][v] = std::fma(gl[j], e, acc[0][j][v]);  // sass-loop: bwd-logdens
         acc[1][j][v] += T(0.5) * gl[j] * (e * e - it.iv[j][v]);
       }
   }
@@ -963,6 +964,11 @@ int em_placement_for_limit(int64_t N, int64_t D, int64_t K, bool backward, int64
 }
 
 template <typename T>
+int64_t em_smem_bytes_for_limit(int64_t N, int64_t D, int64_t K, bool backward, int64_t max_smem) {
+  return make_layout<T>(N, D, K, backward, max_smem).smem_bytes;
+}
+
+template <typename T>
 cudaError_t em_forward(const EmForwardArgs<T>& a, void* workspace, cudaStream_t stream) {
   if (a.B == 0) return cudaSuccess;
   EmLayout L;
@@ -990,6 +996,7 @@ cudaError_t em_backward(const EmBackwardArgs<T>& a, void* workspace, cudaStream_
   template int em_forward_placement<T>(int64_t, int64_t, int64_t);                         \
   template int em_backward_placement<T>(int64_t, int64_t, int64_t);                        \
   template int em_placement_for_limit<T>(int64_t, int64_t, int64_t, bool, int64_t);         \
+  template int64_t em_smem_bytes_for_limit<T>(int64_t, int64_t, int64_t, bool, int64_t);   \
   template cudaError_t em_forward<T>(const EmForwardArgs<T>&, void*, cudaStream_t);        \
   template cudaError_t em_backward<T>(const EmBackwardArgs<T>&, void*, cudaStream_t);
 S2M_INSTANTIATE_EM(float)

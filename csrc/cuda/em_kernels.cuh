@@ -91,6 +91,9 @@ template <typename T>
 int em_backward_placement(int64_t N, int64_t D, int64_t K);
 template <typename T>
 int em_placement_for_limit(int64_t N, int64_t D, int64_t K, bool backward, int64_t max_smem);
+// Bytes of dynamic shared memory per block the launch asks for under that limit.
+template <typename T>
+int64_t em_smem_bytes_for_limit(int64_t N, int64_t D, int64_t K, bool backward, int64_t max_smem);
 
 }  // namespace cuda
 }  // namespace s2m
