@@ -3,7 +3,7 @@
 # sm_90, and prints each kernel's registers, stack and spills (ptxas -v). Needs only nvcc.
 #   csrc/cuda/check_nvcc.sh            (NVCC=..., ARCHS="80 90", BUILD_DIR=... to override)
 #   csrc/cuda/check_nvcc.sh --report OUT.md
-#       also writes the static performance report (static_report.py): registers, spills, shared
+#       also writes the static performance report (report/static_report.py): registers, spills, shared
 #       memory, blocks per SM at the benchmark shapes, SASS of the EM inner loops. Needs
 #       nvdisasm and cuobjdump (CUDA toolkit, or pip nvidia-cuda-nvdisasm nvidia-cuda-cuobjdump;
 #       CUOBJDUMP=..., NVDISASM=... to override) and python3.
@@ -84,9 +84,9 @@ for obj in "$out"/*.o; do
     "$nvdisasm" -gi -c "$out/$name.sm_$a.cubin" >"$out/$name.sm_$a.sass"
   done
 done
-"$nvcc" -std=c++17 -O3 -I"$csrc" "$here/static_shapes.cpp" "$out/em_kernels.o" \
+"$nvcc" -std=c++17 -O3 -I"$csrc" "$here/report/static_shapes.cpp" "$out/em_kernels.o" \
   "$out/score_kernels.o" -o "$out/static_shapes"
 "$out/static_shapes" >"$out/shapes.tsv"
-python3 "$here/static_report.py" --build "$out" --src "$here" \
+python3 "$here/report/static_report.py" --build "$out" --src "$here" \
   --nvcc-version "$("$nvcc" --version | grep -E '^Cuda compilation|^Build' | tr '\n' ' ' | sed 's/ $//')" \
   --out "$report"

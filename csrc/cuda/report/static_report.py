@@ -289,7 +289,7 @@ def main() -> int:
     w("## Occupancy at the benchmark shapes (float)")
     w("")
     w("Dynamic shared memory is what the launch asks for at that shape under the architecture's")
-    w("per-block opt-in limit (csrc/cuda/static_shapes.cpp). Per-SM limits used: "
+    w("per-block opt-in limit (csrc/cuda/report/static_shapes.cpp). Per-SM limits used: "
       + "; ".join(f"{a}: {v['regs']} registers (allocated per warp in units of {v['reg_unit']}), "
                   f"{v['max_warps']} warps, {v['max_blocks']} blocks, {v['smem']} B shared memory "
                   f"(+{v['smem_reserved']} B reserved a block, units of {v['smem_unit']} B)"
