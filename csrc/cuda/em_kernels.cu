@@ -36,6 +36,10 @@ constexpr int kKC = kEmKC;
 constexpr int kMaxSlices = 8;  // d-slices of reduce_over_d
 constexpr int kMaxGroups = 8;  // n-groups of reduce_over_n
 constexpr int kScalarBytes = 64;
+// Float EM kernels run two blocks of kEmThreads per SM (at most 128 registers a thread); double
+// keeps one (its register tiles are twice the size).
+template <typename T>
+constexpr int kEmMinBlocks = sizeof(T) == 4 ? 2 : 1;
 
 // Block-wide scalars at the start of dynamic shared memory.
 template <typename T>
@@ -459,14 +463,16 @@ S2M_DEV void m_step(const SetCtx<T>& s, const Params<T>& prev, const Params<T>& 
 }
 
 // ----------------------------------------------------------------------------- kernel setup
-template <typename T>
+// The placement is a template argument, so that with the arrays in shared memory every access
+// to them compiles to a shared-memory instruction (LDS/STS, 32-bit addresses), not a generic one.
+template <typename T, int kPlacement>
 S2M_DEV T* set_arrays(unsigned char* smem, const EmLayout& L, T* workspace, int64_t b) {
-  return L.placement == int(Placement::kAllGlobal) ? workspace + b * L.ws_per_set
-                                                   : reinterpret_cast<T*>(smem + kScalarBytes);
+  if (kPlacement == int(Placement::kAllGlobal)) return workspace + b * L.ws_per_set;
+  return reinterpret_cast<T*>(smem + kScalarBytes);
 }
 
-// Copies x (into shared memory when kXShared) and w of set b into place; fills s.
-template <typename T, int VEC, bool kXShared>
+// Copies x (into shared memory with kAllShared) and w of set b into place; fills s.
+template <typename T, int VEC, int kPlacement>
 S2M_DEV SetCtx<T> setup_set(const T* x, const T* w, int64_t b, int N, int D, int K,
                             const EmLayout& L, T* arrays, unsigned char* smem) {
   SetCtx<T> s;
@@ -477,7 +483,7 @@ S2M_DEV SetCtx<T> setup_set(const T* x, const T* w, int64_t b, int N, int D, int
   s.ds = L.ds;
   s.groups = L.groups;
   const T* xg = x + b * int64_t(N) * D;
-  if (kXShared) {
+  if (kPlacement == int(Placement::kAllShared)) {
     T* xs = arrays + L.x;
     const int ndv = D / VEC;
     for (int i = tid(); i < N * ndv; i += nthreads()) {
@@ -522,14 +528,14 @@ S2M_DEV double mean_loglik(T sum, T total_w) {
 }
 
 // ----------------------------------------------------------------------------- forward
-template <typename T, int VEC, bool kXShared>
-__global__ void __launch_bounds__(kEmThreads, 1)
+template <typename T, int VEC, int kPlacement>
+__global__ void __launch_bounds__(kEmThreads, kEmMinBlocks<T>)
     em_forward_kernel(EmForwardArgs<T> a, EmLayout L, T* workspace) {
   S2M_DYNAMIC_SHARED(smem);
   const int64_t b = blockIdx.x;
   const int N = int(a.N), D = int(a.D), K = int(a.K);
-  T* arrays = set_arrays<T>(smem, L, workspace, b);
-  const SetCtx<T> s = setup_set<T, VEC, kXShared>(a.x, a.w, b, N, D, K, L, arrays, smem);
+  T* arrays = set_arrays<T, kPlacement>(smem, L, workspace, b);
+  const SetCtx<T> s = setup_set<T, VEC, kPlacement>(a.x, a.w, b, N, D, K, L, arrays, smem);
   Params<T> cur = params_at(arrays + L.theta_a, L);
   Params<T> next = params_at(arrays + L.theta_b, L);
   copy_elems<T>(a.lw0 + b * K, cur.lw, K);
@@ -796,14 +802,14 @@ S2M_DEV void accumulate_grad_x(const SetCtx<T>& s, const BackwardState<T>& st, T
   }
 }
 
-template <typename T, int VEC, bool kXShared>
-__global__ void __launch_bounds__(kEmThreads, 1)
+template <typename T, int VEC, int kPlacement>
+__global__ void __launch_bounds__(kEmThreads, kEmMinBlocks<T>)
     em_backward_kernel(EmBackwardArgs<T> a, EmLayout L, T* workspace) {
   S2M_DYNAMIC_SHARED(smem);
   const int64_t b = blockIdx.x;
   const int N = int(a.N), D = int(a.D), K = int(a.K), KD = K * D;
-  T* arrays = set_arrays<T>(smem, L, workspace, b);
-  const SetCtx<T> s = setup_set<T, VEC, kXShared>(a.x, a.w, b, N, D, K, L, arrays, smem);
+  T* arrays = set_arrays<T, kPlacement>(smem, L, workspace, b);
+  const SetCtx<T> s = setup_set<T, VEC, kPlacement>(a.x, a.w, b, N, D, K, L, arrays, smem);
   BackwardState<T> st;
   st.prev = params_at(arrays + L.theta_a, L);
   st.cur = params_at(arrays + L.tt, L);
@@ -909,8 +915,11 @@ cudaError_t layout_for(int64_t N, int64_t D, int64_t K, bool backward, EmLayout*
 template <typename T, int VEC>
 cudaError_t launch_forward(const EmForwardArgs<T>& a, const EmLayout& L, T* ws,
                            cudaStream_t stream) {
-  auto kernel = L.placement == int(Placement::kAllShared) ? em_forward_kernel<T, VEC, true>
-                                                          : em_forward_kernel<T, VEC, false>;
+  constexpr int kS = int(Placement::kAllShared), kX = int(Placement::kXGlobal),
+                kG = int(Placement::kAllGlobal);
+  auto kernel = L.placement == kS   ? em_forward_kernel<T, VEC, kS>
+                : L.placement == kX ? em_forward_kernel<T, VEC, kX>
+                                    : em_forward_kernel<T, VEC, kG>;
   cudaError_t e = allow_dynamic_smem(kernel, size_t(L.smem_bytes));
   if (e != cudaSuccess) return e;
   S2M_LAUNCH(kernel, dim3(unsigned(a.B)), dim3(kEmThreads), size_t(L.smem_bytes), stream, a, L,
@@ -921,8 +930,11 @@ cudaError_t launch_forward(const EmForwardArgs<T>& a, const EmLayout& L, T* ws,
 template <typename T, int VEC>
 cudaError_t launch_backward(const EmBackwardArgs<T>& a, const EmLayout& L, T* ws,
                             cudaStream_t stream) {
-  auto kernel = L.placement == int(Placement::kAllShared) ? em_backward_kernel<T, VEC, true>
-                                                          : em_backward_kernel<T, VEC, false>;
+  constexpr int kS = int(Placement::kAllShared), kX = int(Placement::kXGlobal),
+                kG = int(Placement::kAllGlobal);
+  auto kernel = L.placement == kS   ? em_backward_kernel<T, VEC, kS>
+                : L.placement == kX ? em_backward_kernel<T, VEC, kX>
+                                    : em_backward_kernel<T, VEC, kG>;
   cudaError_t e = allow_dynamic_smem(kernel, size_t(L.smem_bytes));
   if (e != cudaSuccess) return e;
   S2M_LAUNCH(kernel, dim3(unsigned(a.B)), dim3(kEmThreads), size_t(L.smem_bytes), stream, a, L,
