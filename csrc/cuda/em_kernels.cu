@@ -180,8 +180,8 @@ struct TrajRef {
   T* mu;
   T* var;
   int64_t B, K, D, b;
-  S2M_DEV int64_t at_k(int64_t t) const { return (t * B + b) * K; }
-  S2M_DEV int64_t at_kd(int64_t t) const { return (t * B + b) * K * D; }
+  S2M_DEV int64_t at_k(int64_t t) const { return traj_offset(t, B, b, K); }
+  S2M_DEV int64_t at_kd(int64_t t) const { return traj_offset(t, B, b, K * D); }
 };
 
 template <typename T, typename P>
@@ -482,7 +482,7 @@ S2M_DEV SetCtx<T> setup_set(const T* x, const T* w, int64_t b, int N, int D, int
   s.kp = L.kp;
   s.ds = L.ds;
   s.groups = L.groups;
-  const T* xg = x + b * int64_t(N) * D;
+  const T* xg = x + traj_offset(0, 0, b, int64_t(N) * D);
   if (kPlacement == int(Placement::kAllShared)) {
     T* xs = arrays + L.x;
     const int ndv = D / VEC;

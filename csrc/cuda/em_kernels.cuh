@@ -29,6 +29,12 @@ constexpr int kEmKC = 4;         // components per register tile
 
 enum class Placement : int { kAllShared = 0, kXGlobal = 1, kAllGlobal = 2 };
 
+// Element offset of set b at step t of a (steps, B, per_set) array (t = 0: of a (B, per_set)
+// array). In 64 bits: steps * B * K * D passes 2^31 at large batch sizes.
+__host__ __device__ inline int64_t traj_offset(int64_t t, int64_t B, int64_t b, int64_t per_set) {
+  return (t * B + b) * per_set;
+}
+
 // Shapes and the arrays of one call. Trajectories are (steps, B, K[, D]).
 template <typename T>
 struct EmForwardArgs {
