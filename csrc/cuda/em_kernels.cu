@@ -34,12 +34,14 @@ namespace {
 
 constexpr int kKC = kEmKC;
 constexpr int kMaxSlices = 8;  // d-slices of reduce_over_d
+constexpr int kEmNP = 2;       // points per register tile of reduce_over_d
 constexpr int kMaxGroups = 8;  // n-groups of reduce_over_n
 constexpr int kScalarBytes = 64;
 // Float EM kernels run two blocks of kEmThreads per SM (at most 128 registers a thread); double
-// keeps one (its register tiles are twice the size).
-template <typename T>
-constexpr int kEmMinBlocks = sizeof(T) == 4 ? 2 : 1;
+// keeps one (its register tiles are twice the size), and so does the all-global fallback (with
+// 64-bit addresses for every array it would spill under 128 registers).
+template <typename T, int kPlacement>
+constexpr int kEmMinBlocks = sizeof(T) == 4 && kPlacement != int(Placement::kAllGlobal) ? 2 : 1;
 
 // Block-wide scalars at the start of dynamic shared memory.
 template <typename T>
@@ -73,8 +75,9 @@ EmLayout make_layout(int64_t N, int64_t D, int64_t K, bool backward, int64_t max
   L.vec = D % max_vec<T>() == 0 ? max_vec<T>() : 1;
   L.kp = int(round_up(size_t(K), kKC));
   const int64_t nkc = L.kp / kKC, ndv = D / L.vec;
-  L.ds = int(std::max<int64_t>(1, std::min<int64_t>({kEmThreads / std::max<int64_t>(1, N * nkc),
-                                                     ndv, kMaxSlices})));
+  const int64_t point_tiles = (N + kEmNP - 1) / kEmNP;
+  const int64_t tiles = std::max<int64_t>(1, point_tiles * nkc);
+  L.ds = int(std::max<int64_t>(1, std::min<int64_t>({kEmThreads / tiles, ndv, kMaxSlices})));
   const int64_t items = nkc * ndv;
   L.groups = items >= kEmThreads ? 1 : int(std::min<int64_t>(kEmThreads / items, kMaxGroups));
   // Lanes read rows n, n+1, ... at one column: a row stride of dp elements with
@@ -202,27 +205,49 @@ S2M_DEV void load_params(const TrajRef<const T>& traj, int64_t t, const Params<T
 
 // ----------------------------------------------------------------------------- reductions
 // out[(slice * N + n) * kp + k] = sum over d in the slice of term(x[n, d], k, d).
+// A thread's item is a register tile of kEmNP points (n and n + ceil(N / kEmNP), ...) x kKC
+// components over one d-slice: each x vector is used kKC times and each parameter vector
+// kEmNP times. Components past K (the tile's padding) read row K - 1, so that the inner loop
+// has no per-component test; their sums land in the padding columns, which nothing reads.
 template <typename T, int VEC, class Term>
 S2M_DEV void reduce_over_d(const SetCtx<T>& s, const Term& term, T* out) {
   const int nkc = s.kp / kKC, ndv = s.D / VEC;
-  const int items = s.N * nkc * s.ds;
+  const int nh = (s.N + kEmNP - 1) / kEmNP;
+  const int items = nh * nkc * s.ds;
   for (int it = tid(); it < items; it += nthreads()) {
-    const int n = it % s.N, rest = it / s.N, kc = rest % nkc, slice = rest / nkc;
+    const int n0 = it % nh, rest = it / nh, kc = rest % nkc, slice = rest / nkc;
     const int dv0 = slice * ndv / s.ds, dv1 = (slice + 1) * ndv / s.ds;
     const int k0 = kc * kKC;
-    T acc[kKC];
+    int kr[kKC];
 #pragma unroll
-    for (int j = 0; j < kKC; ++j) acc[j] = T(0);
-    const T* xr = s.x + int64_t(n) * s.ldx;
-    for (int dv = dv0; dv < dv1; ++dv) {
-      const Vec<T, VEC> xv = load_vec<T, VEC>(xr + dv * VEC);
+    for (int j = 0; j < kKC; ++j) kr[j] = k0 + j < s.K ? k0 + j : s.K - 1;
+    const T* xr[kEmNP];
 #pragma unroll
-      for (int j = 0; j < kKC; ++j)
-        if (k0 + j < s.K) term(acc[j], xv, k0 + j, dv * VEC);
+    for (int p = 0; p < kEmNP; ++p) {
+      const int n = n0 + p * nh;
+      xr[p] = s.x + (n < s.N ? n : n0) * s.ldx;
     }
-    T* o = out + (int64_t(slice) * s.N + n) * s.kp + k0;
+    T acc[kEmNP][kKC];
 #pragma unroll
-    for (int j = 0; j < kKC; ++j) o[j] = acc[j];
+    for (int p = 0; p < kEmNP; ++p)
+#pragma unroll
+      for (int j = 0; j < kKC; ++j) acc[p][j] = T(0);
+#pragma unroll 1
+    for (int dv = dv0; dv < dv1; ++dv) {
+      Vec<T, VEC> xv[kEmNP];
+#pragma unroll
+      for (int p = 0; p < kEmNP; ++p) xv[p] = load_vec<T, VEC>(xr[p] + dv * VEC);
+#pragma unroll
+      for (int j = 0; j < kKC; ++j) term.template tile<kEmNP>(acc, j, xv, kr[j], dv * VEC);
+    }
+#pragma unroll
+    for (int p = 0; p < kEmNP; ++p) {
+      const int n = n0 + p * nh;
+      if (n >= s.N) continue;
+      T* o = out + (int64_t(slice) * s.N + n) * s.kp + k0;
+#pragma unroll
+      for (int j = 0; j < kKC; ++j) o[j] = acc[p][j];
+    }
   }
 }
 
@@ -300,14 +325,18 @@ struct MahalanobisTerm {
   const T* mu;
   const T* iv;
   int D;
-  S2M_DEV void operator()(T& acc, const Vec<T, VEC>& xv, int k, int d) const {
+  // acc[p][j] += sum over the VEC dims from d of (x_p - mu_k)^2 / v_k, for every point p.
+  template <int NP>
+  S2M_DEV void tile(T (&acc)[NP][kKC], int j, const Vec<T, VEC> (&xv)[NP], int k, int d) const {
     const Vec<T, VEC> m = load_vec<T, VEC>(mu + k * D + d);
     const Vec<T, VEC> s = load_vec<T, VEC>(iv + k * D + d);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const T diff = xv.v[v] - m.v[v];
-      acc = std::fma(diff * diff, s.v[v], acc);  // sass-loop: estep
-    }
+    for (int p = 0; p < NP; ++p)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const T diff = xv[p].v[v] - m.v[v];
+        acc[p][j] = std::fma(diff * diff, s.v[v], acc[p][j]);  // sass-loop: estep
+      }
   }
 };
 
@@ -529,7 +558,7 @@ S2M_DEV double mean_loglik(T sum, T total_w) {
 
 // ----------------------------------------------------------------------------- forward
 template <typename T, int VEC, int kPlacement>
-__global__ void __launch_bounds__(kEmThreads, kEmMinBlocks<T>)
+__global__ void __launch_bounds__(kEmThreads, kEmMinBlocks<T, kPlacement>)
     em_forward_kernel(EmForwardArgs<T> a, EmLayout L, T* workspace) {
   S2M_DYNAMIC_SHARED(smem);
   const int64_t b = blockIdx.x;
@@ -612,16 +641,19 @@ struct MomentGradTerm {
   const T* gm;
   const T* gv;
   int D;
-  S2M_DEV void operator()(T& acc, const Vec<T, VEC>& xv, int k, int d) const {
+  template <int NP>
+  S2M_DEV void tile(T (&acc)[NP][kKC], int j, const Vec<T, VEC> (&xv)[NP], int k, int d) const {
     const int i = k * D + d;
     const Vec<T, VEC> m = load_vec<T, VEC>(mu + i);
     const Vec<T, VEC> a = load_vec<T, VEC>(gm + i);
     const Vec<T, VEC> c = load_vec<T, VEC>(gv + i);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const T delta = xv.v[v] - m.v[v];
-      acc = std::fma(a.v[v] + c.v[v] * delta, delta, acc);  // sass-loop: bwd-moment
-    }
+    for (int p = 0; p < NP; ++p)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const T delta = xv[p].v[v] - m.v[v];
+        acc[p][j] = std::fma(a.v[v] + c.v[v] * delta, delta, acc[p][j]);  // sass-loop: bwd-moment
+      }
   }
 };
 
@@ -803,7 +835,7 @@ S2M_DEV void accumulate_grad_x(const SetCtx<T>& s, const BackwardState<T>& st, T
 }
 
 template <typename T, int VEC, int kPlacement>
-__global__ void __launch_bounds__(kEmThreads, kEmMinBlocks<T>)
+__global__ void __launch_bounds__(kEmThreads, kEmMinBlocks<T, kPlacement>)
     em_backward_kernel(EmBackwardArgs<T> a, EmLayout L, T* workspace) {
   S2M_DYNAMIC_SHARED(smem);
   const int64_t b = blockIdx.x;

@@ -10,7 +10,8 @@
 //   kXGlobal    x is read from global memory (L1/L2) in each pass, the per-set arrays stay in
 //               shared memory (sets too large to hold on chip);
 //   kAllGlobal  per-set arrays also in a global workspace (very large K * D).
-// All three run the same code; only the pointers differ.
+// All three run the same code, each compiled for its placement (a template argument), so that
+// arrays in shared memory are accessed with shared-memory instructions.
 //
 // Pointers are device pointers to contiguous arrays; x must be 16-byte aligned.
 // Compute type T: float or double (the glue converts half/bfloat16 to float).

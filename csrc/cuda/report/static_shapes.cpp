@@ -39,9 +39,8 @@ int main() {
         const int64_t smem = c::em_smem_bytes_for_limit<float>(s.N, s.D, s.K, backward,
                                                                a.max_smem_optin);
         const int vec = s.D % 4 == 0 ? 4 : 1;
-        std::printf("%s_kernel<float, %d, %s>\t%s\t%s\t%lld\t%d\n",
-                    backward ? "em_backward" : "em_forward", vec,
-                    placement == int(c::Placement::kAllShared) ? "true" : "false", s.name, a.name,
+        std::printf("%s_kernel<float, %d, %d>\t%s\t%s\t%lld\t%d\n",
+                    backward ? "em_backward" : "em_forward", vec, placement, s.name, a.name,
                     static_cast<long long>(smem), c::kEmThreads);
       }
     }
