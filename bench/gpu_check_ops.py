@@ -13,9 +13,9 @@ import os
 import sys
 
 import torch
+from cuda_targets import em_problem
 
 import s2m_ext
-from cuda_targets import em_problem
 
 ops = s2m_ext.ops
 

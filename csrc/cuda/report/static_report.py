@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Static performance report of the CUDA kernels, from nvcc's output alone (no GPU).
 
 Run through ``csrc/cuda/check_nvcc.sh --report OUT.md``, which compiles the kernels with
@@ -31,10 +30,10 @@ import sys
 
 # Per-SM limits (CUDA occupancy calculator / programming guide, compute capability 8.0 and 9.0).
 ARCH_LIMITS = {
-    "sm_80": dict(regs=65536, reg_unit=256, max_warps=64, max_blocks=32,
-                  smem=167936, smem_reserved=1024, smem_unit=128),
-    "sm_90": dict(regs=65536, reg_unit=256, max_warps=64, max_blocks=32,
-                  smem=233472, smem_reserved=1024, smem_unit=128),
+    "sm_80": {"regs": 65536, "reg_unit": 256, "max_warps": 64, "max_blocks": 32,
+              "smem": 167936, "smem_reserved": 1024, "smem_unit": 128},
+    "sm_90": {"regs": 65536, "reg_unit": 256, "max_warps": 64, "max_blocks": 32,
+              "smem": 233472, "smem_reserved": 1024, "smem_unit": 128},
 }
 FMA_OPS = ("FFMA", "DFMA")
 FP_OPS = ("FFMA", "FADD", "FMUL", "FMNMX", "DFMA", "DADD", "DMUL", "MUFU", "FSEL", "FSETP",
@@ -254,7 +253,7 @@ def main() -> int:
     sass_files = sorted(args.build.glob("*.sass"))
     raw_names = set()
     for p in sass_files:
-        raw_names |= set(re.findall(r"^\.text\.(\S+):$", p.read_text(), re.M))
+        raw_names |= set(re.findall(r"^\.text\.(\S+):$", p.read_text(), re.MULTILINE))
     names = demangle(sorted(raw_names))
     loops = inner_loops(sass_files, marker_lines(args.src), names)
     shapes = [line.split("\t") for line in (args.build / "shapes.tsv").read_text().splitlines()
