@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# One device call that builds, tests, sanitizes and benchmarks the CUDA path of s2m_ext, and
-# writes its logs and a summary table under $OUT (8 files, the device tool's limit):
+# One device call that builds, tests, sanitizes, benchmarks and profiles the CUDA path of
+# s2m_ext, in at most 6 minutes including the build (sm_90 only, all cores). Results go to the
+# folder given as the first argument, else $GPU_CHECK_OUT, else $OUT, else ./gpu_check_out:
 #
 #   env.txt  build.log  pytest.log  sanitizer.log  cuda_targets.log  cuda_targets.json
-#   bench_suite.log  summary.md
+#   ncu_em_forward.txt  ncu_em_forward.ncu-rep  summary.md
 #
-# Usage, as the whole device command from the repository root:   bash bench/gpu_check.sh
-# It finishes within GPU_CHECK_BUDGET_S seconds (default 530, under the tool's 10-minute limit):
-# every stage has a time cap, and a stage that would start too close to the deadline is skipped
-# and reported as such. GPU_CHECK_STAGES (default "build pytest sanitize targets suite") picks
-# stages; GPU_CHECK_PYTEST (default "tests") narrows the test run. The summary table is printed
-# last (the reply carries the end of the output).
-# Copy cuda_targets.json into bench/results/ afterwards: it holds device, torch, date, numbers.
+# Usage, as the whole device command from the repository root:   bash bench/gpu_check.sh [DIR]
+# Stages, each under a time cap (a stage that would start too close to the deadline is skipped
+# and reported as such): build (FORCE_CUDA=1, sm_90), pytest (the CUDA tests), sanitize
+# (compute-sanitizer memcheck, racecheck, synccheck and initcheck on bench/gpu_check_ops.py,
+# which runs every op in every EM placement), targets (bench/cuda_targets.py) and ncu (one
+# Nsight Compute report of em_forward at B=16384 N=256 D=256 K=8: speed of light, occupancy,
+# warp stall reasons). GPU_CHECK_BUDGET_S (default 350) is the whole run's budget;
+# GPU_CHECK_STAGES (default "build pytest sanitize targets ncu"; "suite" adds the benchmark
+# suite) picks stages; GPU_CHECK_PYTEST (default "tests/test_cuda.py") narrows the test run.
+# The summary table is printed last. Copy cuda_targets.json into bench/results/ afterwards: it
+# holds device, torch, date and the numbers.
 set -u
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT="${OUT:-$PWD/gpu_check_out}"
+OUT="${1:-${GPU_CHECK_OUT:-${OUT:-$PWD/gpu_check_out}}}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"  # absolute: the script runs from the repository root
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 START=$(date +%s)
-DEADLINE=$(( START + ${GPU_CHECK_BUDGET_S:-530} ))
-STAGES=" ${GPU_CHECK_STAGES:-build pytest sanitize targets suite} "
+DEADLINE=$(( START + ${GPU_CHECK_BUDGET_S:-350} ))
+STAGES=" ${GPU_CHECK_STAGES:-build pytest sanitize targets ncu} "
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -71,11 +77,10 @@ SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sani
 for dir in "${CUDA_HOME:-}" /usr/local/cuda /usr/local/cuda-13.0 /opt/cuda; do
   if [[ -n "$dir" && -f "$dir/include/cuda_runtime_api.h" ]]; then export CUDA_HOME="$dir"; break; fi
 done
-ARCH="$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo 9.0)"
 built=0
 if wants build; then
-  # Only this GPU's architecture here: CI proves the sm_80 + sm_90 build (csrc/cuda/check_nvcc.sh).
-  stage build 300 "$OUT/build.log" env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" \
+  # sm_90 only here: CI proves the sm_80 + sm_90 build (csrc/cuda/check_nvcc.sh).
+  stage build 170 "$OUT/build.log" env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS="$(nproc)" \
     "$PY" setup.py build_ext --inplace && built=1
 else
   built=1
@@ -93,7 +98,7 @@ if (( built )) && wants pytest; then
   xdist=()
   "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
   # shellcheck disable=SC2086  # GPU_CHECK_PYTEST may hold several arguments
-  stage pytest 210 "$OUT/pytest.log" "$PY" -m pytest ${GPU_CHECK_PYTEST:-tests} -q -rs -p no:cacheprovider \
+  stage pytest 50 "$OUT/pytest.log" "$PY" -m pytest ${GPU_CHECK_PYTEST:-tests/test_cuda.py} -q -rs -p no:cacheprovider \
     "${xdist[@]}" --durations=15
 fi
 
@@ -103,16 +108,31 @@ if (( built )) && wants sanitize; then
     echo "compute-sanitizer not found" >>"$OUT/sanitizer.log"
     ROWS+=("| sanitize | SKIPPED (no compute-sanitizer) | - | sanitizer.log |")
   else
-    for tool in memcheck racecheck; do
-      stage "sanitize-$tool" 120 "$OUT/sanitizer.log" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
-        --print-limit 30 "$PY" bench/gpu_check_ops.py
+    for tool in memcheck racecheck synccheck initcheck; do
+      extra=()
+      [[ $tool == racecheck ]] && extra=(--racecheck-report hazard)
+      stage "sanitize-$tool" 30 "$OUT/sanitizer.log" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
+        --print-limit 30 "${extra[@]}" "$PY" bench/gpu_check_ops.py
     done
   fi
 fi
 
 # --------------------------------------------------------------------------- benchmarks
 if (( built )) && wants targets; then
-  stage targets 200 "$OUT/cuda_targets.log" "$PY" bench/cuda_targets.py --out "$OUT/cuda_targets.json"
+  stage targets 80 "$OUT/cuda_targets.log" "$PY" bench/cuda_targets.py --out "$OUT/cuda_targets.json"
+fi
+if (( built )) && wants ncu; then
+  NCU="$(command -v ncu || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/ncu 2>/dev/null || true)"
+  if [[ -z "$NCU" ]]; then
+    echo "ncu not found" >"$OUT/ncu_em_forward.txt"
+    ROWS+=("| ncu | SKIPPED (no ncu) | - | ncu_em_forward.txt |")
+  else
+    stage ncu 40 "$OUT/ncu_em_forward.txt" "$NCU" --kernel-name regex:em_forward_kernel \
+      --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section SchedulerStats --export "$OUT/ncu_em_forward" \
+      --force-overwrite --print-summary none "$PY" bench/gpu_check_ops.py --profile-em-forward &&
+      "$NCU" --import "$OUT/ncu_em_forward.ncu-rep" --page details >>"$OUT/ncu_em_forward.txt" 2>&1
+  fi
 fi
 if (( built )) && wants suite; then
   if [[ -f bench/run.py || -f bench/__main__.py ]]; then
@@ -138,6 +158,9 @@ fi
   fi
   if [[ -f "$OUT/sanitizer.log" ]]; then
     echo "sanitizer: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer.log" | tr '\n' ' ')"
+  fi
+  if [[ -f "$OUT/ncu_em_forward.txt" ]]; then
+    echo "ncu em_forward: $(grep -E 'Achieved Occupancy|Compute \(SM\) Throughput|Memory Throughput' "$OUT/ncu_em_forward.txt" | tr -s ' ' | tr '\n' ';')"
   fi
   if [[ -f "$OUT/cuda_targets.log" ]]; then
     echo

@@ -1,8 +1,10 @@
 """Every CUDA op of s2m_ext, forward and backward, once on small shapes, in every EM placement
 (forced with S2M_CUDA_MAX_SMEM) and dtype: the workload that bench/gpu_check.sh runs under
-compute-sanitizer (memcheck, racecheck), small because the sanitizers slow kernels 10-100x.
+compute-sanitizer (memcheck, racecheck, synccheck, initcheck), small because the sanitizers
+slow kernels 10-100x.
 
-    python bench/gpu_check_ops.py            # prints "gpu_check_ops: ok" and exits 0
+    python bench/gpu_check_ops.py                        # prints "gpu_check_ops: ok", exits 0
+    python bench/gpu_check_ops.py --profile-em-forward   # one em_forward at the large shape
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import os
 import sys
 
 import torch
+from cuda_targets import em_problem
 
 import s2m_ext
-from cuda_targets import em_problem
 
 ops = s2m_ext.ops
 
@@ -44,7 +46,7 @@ def run_all(dtype: torch.dtype) -> set:
         for key, cap in placement_caps(N, D, K, fit_dtype).items():
             os.environ["S2M_CUDA_MAX_SMEM"] = str(cap)
             seen.update((("forward", key[0]), ("backward", key[1])))
-            lw, mu, var, ll, used, conv = ops.em_fit(x, w, *init, 4, 1e-3, 1e-9, True)
+            lw, mu, var, _ll, used, _conv = ops.em_fit(x, w, *init, 4, 1e-3, 1e-9, True)
             up = [torch.randn_like(t) for t in (lw, mu, var)]
             ops.em_fit_backward(*up, x, w, lw, mu, var, used, 1e-3)
             ops.em_fit_backward(None, up[1], None, x, w, lw, mu, var, used, 1e-3)
@@ -60,7 +62,20 @@ def run_all(dtype: torch.dtype) -> set:
     return seen
 
 
+def profile_em_forward() -> int:
+    """One em_forward at the large benchmark shape (float32, B=16384 N=256 D=256 K=8, T=10, no
+    trajectory): the launch that bench/gpu_check.sh profiles with Nsight Compute."""
+    x, w, init = em_problem(16384, 256, 256, 8)
+    torch.cuda.synchronize()
+    ops.em_fit(x, w, *init, 10, 1e-3, 0.0, False)
+    torch.cuda.synchronize()
+    print("gpu_check_ops: em_forward B=16384 N=256 D=256 K=8 T=10 done")
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:] == ["--profile-em-forward"]:
+        return profile_em_forward()
     torch.manual_seed(0)
     seen = set()
     for dtype in (torch.float32, torch.float64, torch.float16):

@@ -34,8 +34,14 @@ namespace {
 
 constexpr int kKC = kEmKC;
 constexpr int kMaxSlices = 8;  // d-slices of reduce_over_d
+constexpr int kEmNP = 2;       // points per register tile of reduce_over_d
 constexpr int kMaxGroups = 8;  // n-groups of reduce_over_n
 constexpr int kScalarBytes = 64;
+// Float EM kernels run two blocks of kEmThreads per SM (at most 128 registers a thread); double
+// keeps one (its register tiles are twice the size), and so does the all-global fallback (with
+// 64-bit addresses for every array it would spill under 128 registers).
+template <typename T, int kPlacement>
+constexpr int kEmMinBlocks = sizeof(T) == 4 && kPlacement != int(Placement::kAllGlobal) ? 2 : 1;
 
 // Block-wide scalars at the start of dynamic shared memory.
 template <typename T>
@@ -69,8 +75,9 @@ EmLayout make_layout(int64_t N, int64_t D, int64_t K, bool backward, int64_t max
   L.vec = D % max_vec<T>() == 0 ? max_vec<T>() : 1;
   L.kp = int(round_up(size_t(K), kKC));
   const int64_t nkc = L.kp / kKC, ndv = D / L.vec;
-  L.ds = int(std::max<int64_t>(1, std::min<int64_t>({kEmThreads / std::max<int64_t>(1, N * nkc),
-                                                     ndv, kMaxSlices})));
+  const int64_t point_tiles = (N + kEmNP - 1) / kEmNP;
+  const int64_t tiles = std::max<int64_t>(1, point_tiles * nkc);
+  L.ds = int(std::max<int64_t>(1, std::min<int64_t>({kEmThreads / tiles, ndv, kMaxSlices})));
   const int64_t items = nkc * ndv;
   L.groups = items >= kEmThreads ? 1 : int(std::min<int64_t>(kEmThreads / items, kMaxGroups));
   // Lanes read rows n, n+1, ... at one column: a row stride of dp elements with
@@ -176,8 +183,8 @@ struct TrajRef {
   T* mu;
   T* var;
   int64_t B, K, D, b;
-  S2M_DEV int64_t at_k(int64_t t) const { return (t * B + b) * K; }
-  S2M_DEV int64_t at_kd(int64_t t) const { return (t * B + b) * K * D; }
+  S2M_DEV int64_t at_k(int64_t t) const { return traj_offset(t, B, b, K); }
+  S2M_DEV int64_t at_kd(int64_t t) const { return traj_offset(t, B, b, K * D); }
 };
 
 template <typename T, typename P>
@@ -198,27 +205,49 @@ S2M_DEV void load_params(const TrajRef<const T>& traj, int64_t t, const Params<T
 
 // ----------------------------------------------------------------------------- reductions
 // out[(slice * N + n) * kp + k] = sum over d in the slice of term(x[n, d], k, d).
+// A thread's item is a register tile of kEmNP points (n and n + ceil(N / kEmNP), ...) x kKC
+// components over one d-slice: each x vector is used kKC times and each parameter vector
+// kEmNP times. Components past K (the tile's padding) read row K - 1, so that the inner loop
+// has no per-component test; their sums land in the padding columns, which nothing reads.
 template <typename T, int VEC, class Term>
 S2M_DEV void reduce_over_d(const SetCtx<T>& s, const Term& term, T* out) {
   const int nkc = s.kp / kKC, ndv = s.D / VEC;
-  const int items = s.N * nkc * s.ds;
+  const int nh = (s.N + kEmNP - 1) / kEmNP;
+  const int items = nh * nkc * s.ds;
   for (int it = tid(); it < items; it += nthreads()) {
-    const int n = it % s.N, rest = it / s.N, kc = rest % nkc, slice = rest / nkc;
+    const int n0 = it % nh, rest = it / nh, kc = rest % nkc, slice = rest / nkc;
     const int dv0 = slice * ndv / s.ds, dv1 = (slice + 1) * ndv / s.ds;
     const int k0 = kc * kKC;
-    T acc[kKC];
+    int kr[kKC];
 #pragma unroll
-    for (int j = 0; j < kKC; ++j) acc[j] = T(0);
-    const T* xr = s.x + int64_t(n) * s.ldx;
-    for (int dv = dv0; dv < dv1; ++dv) {
-      const Vec<T, VEC> xv = load_vec<T, VEC>(xr + dv * VEC);
+    for (int j = 0; j < kKC; ++j) kr[j] = k0 + j < s.K ? k0 + j : s.K - 1;
+    const T* xr[kEmNP];
 #pragma unroll
-      for (int j = 0; j < kKC; ++j)
-        if (k0 + j < s.K) term(acc[j], xv, k0 + j, dv * VEC);
+    for (int p = 0; p < kEmNP; ++p) {
+      const int n = n0 + p * nh;
+      xr[p] = s.x + (n < s.N ? n : n0) * s.ldx;
     }
-    T* o = out + (int64_t(slice) * s.N + n) * s.kp + k0;
+    T acc[kEmNP][kKC];
 #pragma unroll
-    for (int j = 0; j < kKC; ++j) o[j] = acc[j];
+    for (int p = 0; p < kEmNP; ++p)
+#pragma unroll
+      for (int j = 0; j < kKC; ++j) acc[p][j] = T(0);
+#pragma unroll 1
+    for (int dv = dv0; dv < dv1; ++dv) {
+      Vec<T, VEC> xv[kEmNP];
+#pragma unroll
+      for (int p = 0; p < kEmNP; ++p) xv[p] = load_vec<T, VEC>(xr[p] + dv * VEC);
+#pragma unroll
+      for (int j = 0; j < kKC; ++j) term.template tile<kEmNP>(acc, j, xv, kr[j], dv * VEC);
+    }
+#pragma unroll
+    for (int p = 0; p < kEmNP; ++p) {
+      const int n = n0 + p * nh;
+      if (n >= s.N) continue;
+      T* o = out + (int64_t(slice) * s.N + n) * s.kp + k0;
+#pragma unroll
+      for (int j = 0; j < kKC; ++j) o[j] = acc[p][j];
+    }
   }
 }
 
@@ -296,14 +325,18 @@ struct MahalanobisTerm {
   const T* mu;
   const T* iv;
   int D;
-  S2M_DEV void operator()(T& acc, const Vec<T, VEC>& xv, int k, int d) const {
+  // acc[p][j] += sum over the VEC dims from d of (x_p - mu_k)^2 / v_k, for every point p.
+  template <int NP>
+  S2M_DEV void tile(T (&acc)[NP][kKC], int j, const Vec<T, VEC> (&xv)[NP], int k, int d) const {
     const Vec<T, VEC> m = load_vec<T, VEC>(mu + k * D + d);
     const Vec<T, VEC> s = load_vec<T, VEC>(iv + k * D + d);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const T diff = xv.v[v] - m.v[v];
-      acc = std::fma(diff * diff, s.v[v], acc);
-    }
+    for (int p = 0; p < NP; ++p)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const T diff = xv[p].v[v] - m.v[v];
+        acc[p][j] = std::fma(diff * diff, s.v[v], acc[p][j]);  // sass-loop: estep
+      }
   }
 };
 
@@ -385,7 +418,8 @@ struct WeightedMeanTerm {
 #pragma unroll
     for (int j = 0; j < kKC; ++j)
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) acc[0][j][v] = std::fma(q[j], xv.v[v], acc[0][j][v]);
+      for (int v = 0; v < VEC; ++v)
+        acc[0][j][v] = std::fma(q[j], xv.v[v], acc[0][j][v]);  // sass-loop: mstep-mean
   }
   S2M_DEV void finish(int k, int d, const T (&sums)[1]) const {
     const int i = k * s->D + d;
@@ -419,7 +453,7 @@ struct CentredMomentTerm {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const T diff = xv.v[v] - it.mu[j][v];
-        acc[0][j][v] = std::fma(q[j] * diff, diff, acc[0][j][v]);
+        acc[0][j][v] = std::fma(q[j] * diff, diff, acc[0][j][v]);  // sass-loop: mstep-var
       }
   }
 };
@@ -458,14 +492,16 @@ S2M_DEV void m_step(const SetCtx<T>& s, const Params<T>& prev, const Params<T>& 
 }
 
 // ----------------------------------------------------------------------------- kernel setup
-template <typename T>
+// The placement is a template argument, so that with the arrays in shared memory every access
+// to them compiles to a shared-memory instruction (LDS/STS, 32-bit addresses), not a generic one.
+template <typename T, int kPlacement>
 S2M_DEV T* set_arrays(unsigned char* smem, const EmLayout& L, T* workspace, int64_t b) {
-  return L.placement == int(Placement::kAllGlobal) ? workspace + b * L.ws_per_set
-                                                   : reinterpret_cast<T*>(smem + kScalarBytes);
+  if (kPlacement == int(Placement::kAllGlobal)) return workspace + b * L.ws_per_set;
+  return reinterpret_cast<T*>(smem + kScalarBytes);
 }
 
-// Copies x (into shared memory when kXShared) and w of set b into place; fills s.
-template <typename T, int VEC, bool kXShared>
+// Copies x (into shared memory with kAllShared) and w of set b into place; fills s.
+template <typename T, int VEC, int kPlacement>
 S2M_DEV SetCtx<T> setup_set(const T* x, const T* w, int64_t b, int N, int D, int K,
                             const EmLayout& L, T* arrays, unsigned char* smem) {
   SetCtx<T> s;
@@ -475,8 +511,8 @@ S2M_DEV SetCtx<T> setup_set(const T* x, const T* w, int64_t b, int N, int D, int
   s.kp = L.kp;
   s.ds = L.ds;
   s.groups = L.groups;
-  const T* xg = x + b * int64_t(N) * D;
-  if (kXShared) {
+  const T* xg = x + traj_offset(0, 0, b, int64_t(N) * D);
+  if (kPlacement == int(Placement::kAllShared)) {
     T* xs = arrays + L.x;
     const int ndv = D / VEC;
     for (int i = tid(); i < N * ndv; i += nthreads()) {
@@ -521,14 +557,14 @@ S2M_DEV double mean_loglik(T sum, T total_w) {
 }
 
 // ----------------------------------------------------------------------------- forward
-template <typename T, int VEC, bool kXShared>
-__global__ void __launch_bounds__(kEmThreads, 1)
+template <typename T, int VEC, int kPlacement>
+__global__ void __launch_bounds__(kEmThreads, kEmMinBlocks<T, kPlacement>)
     em_forward_kernel(EmForwardArgs<T> a, EmLayout L, T* workspace) {
   S2M_DYNAMIC_SHARED(smem);
   const int64_t b = blockIdx.x;
   const int N = int(a.N), D = int(a.D), K = int(a.K);
-  T* arrays = set_arrays<T>(smem, L, workspace, b);
-  const SetCtx<T> s = setup_set<T, VEC, kXShared>(a.x, a.w, b, N, D, K, L, arrays, smem);
+  T* arrays = set_arrays<T, kPlacement>(smem, L, workspace, b);
+  const SetCtx<T> s = setup_set<T, VEC, kPlacement>(a.x, a.w, b, N, D, K, L, arrays, smem);
   Params<T> cur = params_at(arrays + L.theta_a, L);
   Params<T> next = params_at(arrays + L.theta_b, L);
   copy_elems<T>(a.lw0 + b * K, cur.lw, K);
@@ -605,16 +641,19 @@ struct MomentGradTerm {
   const T* gm;
   const T* gv;
   int D;
-  S2M_DEV void operator()(T& acc, const Vec<T, VEC>& xv, int k, int d) const {
+  template <int NP>
+  S2M_DEV void tile(T (&acc)[NP][kKC], int j, const Vec<T, VEC> (&xv)[NP], int k, int d) const {
     const int i = k * D + d;
     const Vec<T, VEC> m = load_vec<T, VEC>(mu + i);
     const Vec<T, VEC> a = load_vec<T, VEC>(gm + i);
     const Vec<T, VEC> c = load_vec<T, VEC>(gv + i);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      const T delta = xv.v[v] - m.v[v];
-      acc = std::fma(a.v[v] + c.v[v] * delta, delta, acc);
-    }
+    for (int p = 0; p < NP; ++p)
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const T delta = xv[p].v[v] - m.v[v];
+        acc[p][j] = std::fma(a.v[v] + c.v[v] * delta, delta, acc[p][j]);  // sass-loop: bwd-moment
+      }
   }
 };
 
@@ -662,7 +701,7 @@ struct LogDensityGradTerm {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         const T e = (xv.v[v] - it.mu[j][v]) * it.iv[j][v];
-        acc[0][j][v] = std::fma(gl[j], e, acc[0][j][v]);
+        acc[0][j][v] = std::fma(gl[j], e, acc[0][j][v]);  // sass-loop: bwd-logdens
         acc[1][j][v] += T(0.5) * gl[j] * (e * e - it.iv[j][v]);
       }
   }
@@ -795,14 +834,14 @@ S2M_DEV void accumulate_grad_x(const SetCtx<T>& s, const BackwardState<T>& st, T
   }
 }
 
-template <typename T, int VEC, bool kXShared>
-__global__ void __launch_bounds__(kEmThreads, 1)
+template <typename T, int VEC, int kPlacement>
+__global__ void __launch_bounds__(kEmThreads, kEmMinBlocks<T, kPlacement>)
     em_backward_kernel(EmBackwardArgs<T> a, EmLayout L, T* workspace) {
   S2M_DYNAMIC_SHARED(smem);
   const int64_t b = blockIdx.x;
   const int N = int(a.N), D = int(a.D), K = int(a.K), KD = K * D;
-  T* arrays = set_arrays<T>(smem, L, workspace, b);
-  const SetCtx<T> s = setup_set<T, VEC, kXShared>(a.x, a.w, b, N, D, K, L, arrays, smem);
+  T* arrays = set_arrays<T, kPlacement>(smem, L, workspace, b);
+  const SetCtx<T> s = setup_set<T, VEC, kPlacement>(a.x, a.w, b, N, D, K, L, arrays, smem);
   BackwardState<T> st;
   st.prev = params_at(arrays + L.theta_a, L);
   st.cur = params_at(arrays + L.tt, L);
@@ -908,8 +947,11 @@ cudaError_t layout_for(int64_t N, int64_t D, int64_t K, bool backward, EmLayout*
 template <typename T, int VEC>
 cudaError_t launch_forward(const EmForwardArgs<T>& a, const EmLayout& L, T* ws,
                            cudaStream_t stream) {
-  auto kernel = L.placement == int(Placement::kAllShared) ? em_forward_kernel<T, VEC, true>
-                                                          : em_forward_kernel<T, VEC, false>;
+  constexpr int kS = int(Placement::kAllShared), kX = int(Placement::kXGlobal),
+                kG = int(Placement::kAllGlobal);
+  auto kernel = L.placement == kS   ? em_forward_kernel<T, VEC, kS>
+                : L.placement == kX ? em_forward_kernel<T, VEC, kX>
+                                    : em_forward_kernel<T, VEC, kG>;
   cudaError_t e = allow_dynamic_smem(kernel, size_t(L.smem_bytes));
   if (e != cudaSuccess) return e;
   S2M_LAUNCH(kernel, dim3(unsigned(a.B)), dim3(kEmThreads), size_t(L.smem_bytes), stream, a, L,
@@ -920,8 +962,11 @@ cudaError_t launch_forward(const EmForwardArgs<T>& a, const EmLayout& L, T* ws,
 template <typename T, int VEC>
 cudaError_t launch_backward(const EmBackwardArgs<T>& a, const EmLayout& L, T* ws,
                             cudaStream_t stream) {
-  auto kernel = L.placement == int(Placement::kAllShared) ? em_backward_kernel<T, VEC, true>
-                                                          : em_backward_kernel<T, VEC, false>;
+  constexpr int kS = int(Placement::kAllShared), kX = int(Placement::kXGlobal),
+                kG = int(Placement::kAllGlobal);
+  auto kernel = L.placement == kS   ? em_backward_kernel<T, VEC, kS>
+                : L.placement == kX ? em_backward_kernel<T, VEC, kX>
+                                    : em_backward_kernel<T, VEC, kG>;
   cudaError_t e = allow_dynamic_smem(kernel, size_t(L.smem_bytes));
   if (e != cudaSuccess) return e;
   S2M_LAUNCH(kernel, dim3(unsigned(a.B)), dim3(kEmThreads), size_t(L.smem_bytes), stream, a, L,
@@ -963,6 +1008,11 @@ int em_placement_for_limit(int64_t N, int64_t D, int64_t K, bool backward, int64
 }
 
 template <typename T>
+int64_t em_smem_bytes_for_limit(int64_t N, int64_t D, int64_t K, bool backward, int64_t max_smem) {
+  return make_layout<T>(N, D, K, backward, max_smem).smem_bytes;
+}
+
+template <typename T>
 cudaError_t em_forward(const EmForwardArgs<T>& a, void* workspace, cudaStream_t stream) {
   if (a.B == 0) return cudaSuccess;
   EmLayout L;
@@ -990,6 +1040,7 @@ cudaError_t em_backward(const EmBackwardArgs<T>& a, void* workspace, cudaStream_
   template int em_forward_placement<T>(int64_t, int64_t, int64_t);                         \
   template int em_backward_placement<T>(int64_t, int64_t, int64_t);                        \
   template int em_placement_for_limit<T>(int64_t, int64_t, int64_t, bool, int64_t);         \
+  template int64_t em_smem_bytes_for_limit<T>(int64_t, int64_t, int64_t, bool, int64_t);   \
   template cudaError_t em_forward<T>(const EmForwardArgs<T>&, void*, cudaStream_t);        \
   template cudaError_t em_backward<T>(const EmBackwardArgs<T>&, void*, cudaStream_t);
 S2M_INSTANTIATE_EM(float)

@@ -10,7 +10,8 @@
 //   kXGlobal    x is read from global memory (L1/L2) in each pass, the per-set arrays stay in
 //               shared memory (sets too large to hold on chip);
 //   kAllGlobal  per-set arrays also in a global workspace (very large K * D).
-// All three run the same code; only the pointers differ.
+// All three run the same code, each compiled for its placement (a template argument), so that
+// arrays in shared memory are accessed with shared-memory instructions.
 //
 // Pointers are device pointers to contiguous arrays; x must be 16-byte aligned.
 // Compute type T: float or double (the glue converts half/bfloat16 to float).
@@ -28,6 +29,12 @@ constexpr int kEmThreads = 256;  // threads per block (one block per set)
 constexpr int kEmKC = 4;         // components per register tile
 
 enum class Placement : int { kAllShared = 0, kXGlobal = 1, kAllGlobal = 2 };
+
+// Element offset of set b at step t of a (steps, B, per_set) array (t = 0: of a (B, per_set)
+// array). In 64 bits: steps * B * K * D passes 2^31 at large batch sizes.
+__host__ __device__ inline int64_t traj_offset(int64_t t, int64_t B, int64_t b, int64_t per_set) {
+  return (t * B + b) * per_set;
+}
 
 // Shapes and the arrays of one call. Trajectories are (steps, B, K[, D]).
 template <typename T>
@@ -91,6 +98,9 @@ template <typename T>
 int em_backward_placement(int64_t N, int64_t D, int64_t K);
 template <typename T>
 int em_placement_for_limit(int64_t N, int64_t D, int64_t K, bool backward, int64_t max_smem);
+// Bytes of dynamic shared memory per block the launch asks for under that limit.
+template <typename T>
+int64_t em_smem_bytes_for_limit(int64_t N, int64_t D, int64_t K, bool backward, int64_t max_smem);
 
 }  // namespace cuda
 }  // namespace s2m

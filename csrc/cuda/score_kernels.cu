@@ -555,12 +555,21 @@ __global__ void __launch_bounds__(kThreads)
   for (int d = lane(); d < D; d += kWarpSize) g_z[m * D + d] = acc[d];
 }
 
+}  // namespace
+
 template <typename T>
-size_t pool_grad_z_smem_per_warp(int64_t K, int64_t D) {
-  return (round_up(size_t(K), 2) + size_t(D)) * sizeof(T);
+size_t score_pool_smem_bytes() {
+  return PoolTile<T>::smem;
 }
 
-}  // namespace
+// Warps per block of pool_grad_z_kernel: as many as fit max_smem (each holds l and its g_z row).
+template <typename T>
+size_t pool_grad_z_smem_bytes(int64_t K, int64_t D, int64_t max_smem, int* threads) {
+  const size_t per_warp = (round_up(size_t(K), 2) + size_t(D)) * sizeof(T);
+  const int warps = int(std::min<size_t>(kThreads / kWarpSize, size_t(max_smem) / per_warp));
+  *threads = warps * kWarpSize;
+  return per_warp * size_t(warps);
+}
 
 // ----------------------------------------------------------------------------- entry points
 template <typename T>
@@ -626,11 +635,10 @@ cudaError_t score_pool_backward(const T* grad, const T* z, int64_t M, const Mixt
   DeviceLimits dev;
   e = query_device_limits(&dev);
   if (e != cudaSuccess) return e;
-  const size_t per_warp = pool_grad_z_smem_per_warp<T>(K, D);
-  const int warps = int(std::min<size_t>(kThreads / kWarpSize,
-                                         size_t(dev.max_smem_optin) / per_warp));
+  int threads = 0;
+  const size_t smem = pool_grad_z_smem_bytes<T>(K, D, dev.max_smem_optin, &threads);
+  const int warps = threads / kWarpSize;
   if (warps < 1) return cudaErrorInvalidValue;  // D too large for one warp's shared memory
-  const size_t smem = per_warp * size_t(warps);
   e = allow_dynamic_smem(pool_grad_z_kernel<T>, smem);
   if (e != cudaSuccess) return e;
   S2M_LAUNCH(pool_grad_z_kernel<T>, dim3(unsigned((M + warps - 1) / warps)),
@@ -649,6 +657,8 @@ cudaError_t score_pool_backward(const T* grad, const T* z, int64_t M, const Mixt
   template cudaError_t score_pool<T>(const T*, int64_t, const MixtureArgs<T>&, T*, void*,       \
                                      cudaStream_t);                                             \
   template size_t score_pool_backward_workspace_bytes<T>(int64_t, int64_t, int64_t, int64_t);   \
+  template size_t score_pool_smem_bytes<T>();                                                  \
+  template size_t pool_grad_z_smem_bytes<T>(int64_t, int64_t, int64_t, int*);                   \
   template cudaError_t score_pool_backward<T>(const T*, const T*, int64_t, const MixtureArgs<T>&, \
                                               T*, T*, T*, T*, void*, cudaStream_t);
 S2M_INSTANTIATE_SCORE(float)

@@ -65,6 +65,14 @@ cudaError_t score_pool(const T* z, int64_t M, const MixtureArgs<T>& mix, T* out,
 
 template <typename T>
 size_t score_pool_backward_workspace_bytes(int64_t B, int64_t M, int64_t K, int64_t D);
+// Dynamic shared memory per block of the pool kernels (score_pool's tile kernel, and the
+// per-item gradient kernel of score_pool_backward under max_smem bytes per block; 0 if it
+// cannot run), and the threads of that block.
+template <typename T>
+size_t score_pool_smem_bytes();
+template <typename T>
+size_t pool_grad_z_smem_bytes(int64_t K, int64_t D, int64_t max_smem, int* threads);
+
 // g_z (M, D) and the mixtures' gradients of L = sum_{b,m} grad[b,m] log p_b(z[m]).
 template <typename T>
 cudaError_t score_pool_backward(const T* grad, const T* z, int64_t M, const MixtureArgs<T>& mix,

@@ -10,7 +10,10 @@
 //     that reads what another writes in the same barrier interval sees different data in the
 //     two orders, so the results differ;
 //   * a __syncthreads or shuffle reached by only part of a block or warp (reported);
-//   * uninitialised shared memory (filled with NaN bytes before each block);
+//   * uninitialised shared memory (filled with NaN bytes before each block) and uninitialised
+//     global workspace (tests allocate it with poisoned_bytes: NaN bytes before each op);
+//   * a hidden dependence on the order threads run in: Schedule::kRandom draws a new order of
+//     the block's threads for every barrier interval (the tests run each op under it too);
 //   * more dynamic shared memory than the device allows, or over 48 KiB without
 //     cudaFuncSetAttribute (reported).
 // Not emulated: memory-model subtleties, atomics, streams and events (all work is synchronous).
@@ -231,6 +234,12 @@ inline void run_block(Block& b) {
            std::to_string(done) + " had returned (divergent barrier)");
     for (Fiber& f : b.fibers) f.state = State::kRunnable;
   }
+}
+
+// A global buffer (an op's workspace) of n bytes, every byte 0xFF: read before written, a float
+// or double of it is NaN, which the tests' comparisons reject.
+inline std::vector<unsigned char> poisoned_bytes(size_t n) {
+  return std::vector<unsigned char>(n, 0xFF);
 }
 
 template <typename Kernel, typename... Args>

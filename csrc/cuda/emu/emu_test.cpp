@@ -208,7 +208,8 @@ EmResult<T> gpu_forward(const EmProblem<T>& p, int64_t n_iter, double var_floor,
   a.steps = steps;
   a.var_floor = var_floor;
   a.tol = tol;
-  std::vector<unsigned char> ws(s2m::cuda::em_forward_workspace_bytes<T>(s.B, s.N, s.D, s.K) + 16);
+  std::vector<unsigned char> ws =
+      s2m_emu::poisoned_bytes(s2m::cuda::em_forward_workspace_bytes<T>(s.B, s.N, s.D, s.K) + 16);
   cuda_ok(s2m::cuda::em_forward<T>(a, ws.data(), nullptr), "em_forward");
   r.converged.assign(conv.begin(), conv.end());
   return r;
@@ -283,7 +284,8 @@ GradResult<T> gpu_backward(const EmProblem<T>& p, const EmResult<T>& fwd, int64_
   a.K = s.K;
   a.steps = steps;
   a.var_floor = var_floor;
-  std::vector<unsigned char> ws(s2m::cuda::em_backward_workspace_bytes<T>(s.B, s.N, s.D, s.K) + 16);
+  std::vector<unsigned char> ws =
+      s2m_emu::poisoned_bytes(s2m::cuda::em_backward_workspace_bytes<T>(s.B, s.N, s.D, s.K) + 16);
   cuda_ok(s2m::cuda::em_backward<T>(a, ws.data(), nullptr), "em_backward");
   return r;
 }
@@ -439,6 +441,18 @@ void run_em_case(const EmCase& c, unsigned seed) {
   check_same_bits(gagain.gx, ggot.gx, "em_backward " + tag + " grad x");
   check_same_bits(gagain.gmu, ggot.gmu, "em_backward " + tag + " grad means0");
   check_same_bits(gagain.gw, ggot.gw, "em_backward " + tag + " grad w");
+  // And a random order of the threads in every barrier interval.
+  s2m_emu::config().schedule = s2m_emu::Schedule::kRandom;
+  s2m_emu::config().seed = seed;
+  const EmResult<T> shuffled = gpu_forward(p, c.n_iter, c.var_floor, c.tol, true);
+  const GradResult<T> gshuffled = gpu_backward(p, got, steps, &g_lw, &g_mu, &g_var, c.var_floor);
+  s2m_emu::config().schedule = s2m_emu::Schedule::kForward;
+  check_same_bits(shuffled.mu, got.mu, "em_forward " + tag + " means, random schedule");
+  check_same_bits(shuffled.var, got.var, "em_forward " + tag + " variances, random schedule");
+  check_same_bits(shuffled.loglik, got.loglik, "em_forward " + tag + " loglik, random schedule");
+  check_same_bits(gshuffled.gx, ggot.gx, "em_backward " + tag + " grad x, random schedule");
+  check_same_bits(gshuffled.gmu, ggot.gmu, "em_backward " + tag + " grad means0, random schedule");
+  check_same_bits(gshuffled.gvar, ggot.gvar, "em_backward " + tag + " grad variances0, random schedule");
 }
 
 // The three placements compute the same bits. For each kernel, the emulated shared-memory
@@ -576,9 +590,30 @@ void run_em_tests() {
 void run_score_tests();     // emu_test_score.cpp
 void run_kmeanspp_tests();  // emu_test_score.cpp
 
+// Trajectory offsets past 2^31 elements (no allocation: the index function alone), checked
+// against exact 128-bit integer arithmetic.
+void run_index_tests() {
+  struct Case {
+    int64_t t, B, b, per_set;
+  };
+  const Case cases[] = {{10, 131072, 131071, 8 * 256},    // K = 8, D = 256, B = 2^17, last step
+                        {10, 1 << 20, (1 << 20) - 1, 4096},  // 4.7e10 elements
+                        {0, 3000000, 2999999, 1024},        // t = 0, b * per_set > 2^31
+                        {1, 1, 0, int64_t(1) << 40}};
+  for (const Case& c : cases) {
+    const __int128 exact = (__int128(c.t) * c.B + c.b) * c.per_set;
+    const int64_t got = s2m::cuda::traj_offset(c.t, c.B, c.b, c.per_set);
+    check(exact > (__int128(1) << 31) && __int128(got) == exact,
+          "traj_offset(" + std::to_string(c.t) + ", " + std::to_string(c.B) + ", " +
+              std::to_string(c.b) + ", " + std::to_string(c.per_set) + ") = " +
+              std::to_string(got) + " past 2^31");
+  }
+}
+
 int main(int argc, char** argv) {
   const std::string only = argc > 1 ? argv[1] : "";
   if (only.empty() || only == "em") {
+    run_index_tests();
     run_em_tests<double>();
     run_em_tests<float>();
   }

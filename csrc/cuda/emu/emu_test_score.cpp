@@ -160,7 +160,8 @@ void paired_case(int64_t B, int64_t Q, int64_t K, int64_t D, unsigned seed) {
       ref.backward(b, zq, double(grad[b * Q + q]), w_glw.data() + b * K, w_gmu.data() + b * K * D,
                    w_gvar.data() + b * K * D, w_gz.data() + (b * Q + q) * D);
     }
-  std::vector<unsigned char> ws(s2m::cuda::score_paired_workspace_bytes<T>(B, K, D) + 16);
+  std::vector<unsigned char> ws =
+      s2m_emu::poisoned_bytes(s2m::cuda::score_paired_workspace_bytes<T>(B, K, D) + 16);
   std::vector<T> out = nans<T>(B * Q);
   emu_check(s2m::cuda::score_paired<T>(z.data(), Q, mix.args(), out.data(), ws.data(), nullptr) ==
                 cudaSuccess, "score_paired launch " + tag);
@@ -172,7 +173,8 @@ void paired_case(int64_t B, int64_t Q, int64_t K, int64_t D, unsigned seed) {
     *glw = nans<T>(B * K);
     *gmu = nans<T>(B * K * D);
     *gvar = nans<T>(B * K * D);
-    std::vector<unsigned char> bws(s2m::cuda::score_backward_workspace_bytes<T>(B, Q, K, D) + 16);
+    std::vector<unsigned char> bws =
+      s2m_emu::poisoned_bytes(s2m::cuda::score_backward_workspace_bytes<T>(B, Q, K, D) + 16);
     s2m::cuda::ScoreBackwardArgs<T> a{grad.data(), z.data(), Q * D, Q, mix.args(), gz->data(),
                                       glw->data(), gmu->data(), gvar->data()};
     emu_check(s2m::cuda::score_paired_backward<T>(a, bws.data(), nullptr) == cudaSuccess,
@@ -192,6 +194,13 @@ void paired_case(int64_t B, int64_t Q, int64_t K, int64_t D, unsigned seed) {
   same_bits(gmu2, gmu, "score_paired_backward grad means " + tag);
   same_bits(gvar2, gvar, "score_paired_backward grad variances " + tag);
   same_bits(gz2, gz, "score_paired_backward grad z " + tag);
+  s2m_emu::config().schedule = s2m_emu::Schedule::kRandom;
+  s2m_emu::config().seed = seed;
+  std::vector<T> gz3, glw3, gmu3, gvar3;
+  run_backward(&gz3, &glw3, &gmu3, &gvar3);
+  s2m_emu::config().schedule = s2m_emu::Schedule::kForward;
+  same_bits(gmu3, gmu, "score_paired_backward grad means, random schedule " + tag);
+  same_bits(gz3, gz, "score_paired_backward grad z, random schedule " + tag);
 }
 
 template <typename T>
@@ -206,7 +215,8 @@ void pool_case(int64_t B, int64_t M, int64_t K, int64_t D, unsigned seed, bool b
   for (int64_t b = 0; b < B; ++b)
     for (int64_t m = 0; m < M; ++m) want[b * M + m] = ref.log_prob(b, zd.data() + m * D);
   auto run = [&]() {
-    std::vector<unsigned char> ws(s2m::cuda::score_pool_workspace_bytes<T>(B, K, D) + 16);
+    std::vector<unsigned char> ws =
+      s2m_emu::poisoned_bytes(s2m::cuda::score_pool_workspace_bytes<T>(B, K, D) + 16);
     std::vector<T> out = nans<T>(B * M);
     emu_check(s2m::cuda::score_pool<T>(z.data(), M, mix.args(), out.data(), ws.data(), nullptr) ==
                   cudaSuccess, "score_pool launch " + tag);
@@ -218,6 +228,11 @@ void pool_case(int64_t B, int64_t M, int64_t K, int64_t D, unsigned seed, bool b
   const std::vector<T> again = run();
   s2m_emu::config().schedule = s2m_emu::Schedule::kForward;
   same_bits(again, out, "score_pool " + tag);
+  s2m_emu::config().schedule = s2m_emu::Schedule::kRandom;
+  s2m_emu::config().seed = seed;
+  const std::vector<T> shuffled = run();
+  s2m_emu::config().schedule = s2m_emu::Schedule::kForward;
+  same_bits(shuffled, out, "score_pool, random schedule " + tag);
   if (!backward) return;
 
   const std::vector<T> grad = queries<T>(B * M, seed + 2);
@@ -229,7 +244,8 @@ void pool_case(int64_t B, int64_t M, int64_t K, int64_t D, unsigned seed, bool b
                    w_gmu.data() + b * K * D, w_gvar.data() + b * K * D, w_gz.data() + m * D);
   std::vector<T> gz = nans<T>(M * D), glw = nans<T>(B * K), gmu = nans<T>(B * K * D),
                  gvar = nans<T>(B * K * D);
-  std::vector<unsigned char> ws(s2m::cuda::score_pool_backward_workspace_bytes<T>(B, M, K, D) + 16);
+  std::vector<unsigned char> ws =
+      s2m_emu::poisoned_bytes(s2m::cuda::score_pool_backward_workspace_bytes<T>(B, M, K, D) + 16);
   emu_check(s2m::cuda::score_pool_backward<T>(grad.data(), z.data(), M, mix.args(), gz.data(),
                                               glw.data(), gmu.data(), gvar.data(), ws.data(),
                                               nullptr) == cudaSuccess,
@@ -302,7 +318,8 @@ void kmeanspp_case(int64_t B, int64_t N, int64_t D, int64_t K, unsigned seed, bo
   for (auto& v : u) v = unif(rng);
   const std::vector<int64_t> want = ref_kmeanspp(x, w, u, B, N, D, K);
   std::vector<int64_t> idx(B * K, -1);
-  std::vector<unsigned char> ws(s2m::cuda::kmeanspp_workspace_bytes<T>(B, N) + 16);
+  std::vector<unsigned char> ws =
+      s2m_emu::poisoned_bytes(s2m::cuda::kmeanspp_workspace_bytes<T>(B, N) + 16);
   emu_check(s2m::cuda::kmeanspp<T>(x.data(), w.data(), u.data(), B, N, D, K, idx.data(), ws.data(),
                                    nullptr) == cudaSuccess, "kmeanspp launch " + tag);
   emu_check(idx == want, "kmeanspp indices " + tag);
@@ -328,7 +345,8 @@ void far_and_narrow_pool_case() {
   const std::vector<double> zd = to_double(z);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t m = 0; m < M; ++m) want[b * M + m] = ref.log_prob(b, zd.data() + m * D);
-  std::vector<unsigned char> ws(s2m::cuda::score_pool_workspace_bytes<float>(B, K, D) + 16);
+  std::vector<unsigned char> ws =
+      s2m_emu::poisoned_bytes(s2m::cuda::score_pool_workspace_bytes<float>(B, K, D) + 16);
   std::vector<float> out = nans<float>(B * M);
   emu_check(s2m::cuda::score_pool<float>(z.data(), M, mix.args(), out.data(), ws.data(), nullptr) ==
                 cudaSuccess, "score_pool launch far-and-narrow");
