@@ -35,12 +35,17 @@ SCORER_NAMES = ("gauss", "gmm2", "gmm3", "gmm4", "avg", "nn")
 def _check_desc(desc: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
     if not isinstance(desc, Tensor) or desc.dim() != 3:
         raise ValueError(f"concept descriptors must be a (B, N, D) tensor, got {getattr(desc, 'shape', type(desc))}")
+    if desc.shape[0] < 1 or desc.shape[1] < 1:
+        raise ValueError(f"concept descriptors need B >= 1 sets of N >= 1 items, got shape {tuple(desc.shape)}")
     if mask is None:
         return None
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(desc.shape[:2]):
         raise ValueError(f"mask must be a bool tensor of shape (B, N) = {tuple(desc.shape[:2])}, got {getattr(mask, 'shape', mask)}")
     if mask.device != desc.device:
         raise ValueError(f"mask must be on the device of the descriptors ({desc.device}), got {mask.device}")
+    empty = (~mask.any(1)).nonzero().flatten()
+    if empty.numel() > 0:  # the same refusal for every scorer: a set needs an item
+        raise ValueError(f"mask: every set needs at least one True entry, but set(s) {empty[:8].tolist()} have none")
     return mask
 
 
