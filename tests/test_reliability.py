@@ -140,3 +140,92 @@ def test_initial_variances_below_eps_squared_are_refused():
 def test_huge_counts_are_refused_naming_the_argument(name):
     with pytest.raises(ValueError, match=f"{name} must be <= 2147483647"):
         s2m_ext.fit_gmm(torch.randn(1, 8, 2), **{name: 2**63})
+
+
+# ----------------------------------------------------------------------------- nn models
+def _vector_models():
+    from s2m_ext.nn import AvgModel, NNModel, Set2Model
+
+    embed = torch.nn.Linear(3, 4, dtype=torch.float64)
+    return [Set2Model(embed, n_components=2, n_iter=2, item_dims=1), AvgModel(embed, item_dims=1),
+            NNModel(embed, item_dims=1)]
+
+
+@pytest.mark.parametrize("model", _vector_models(), ids=["set2model", "avg", "nn"])
+def test_models_refuse_empty_concepts_and_all_false_mask_rows_alike(model):
+    q = torch.randn(2, 3, 3, dtype=torch.float64)
+    for b, n in ((0, 4), (2, 0)):
+        with pytest.raises(ValueError, match="B >= 1 sets of N >= 1 items"):
+            model(torch.randn(b, n, 3, dtype=torch.float64), q[:b])
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1] = False
+    with pytest.raises(ValueError, match=r"mask: every set needs at least one True entry, but set\(s\) \[1\]"):
+        model(torch.randn(2, 4, 3, dtype=torch.float64), q, concept_mask=mask)
+    # No queries: an empty (B, 0) score matrix, like DiagGMM.log_prob with Q = 0.
+    assert model(torch.randn(2, 4, 3, dtype=torch.float64), q[:, :0]).shape == (2, 0)
+
+
+@pytest.mark.parametrize("model", _vector_models(), ids=["set2model", "avg", "nn"])
+def test_models_with_collapsed_embeddings_train_without_nan(model):
+    with torch.no_grad():
+        model.embed.weight.zero_()
+        model.embed.bias.fill_(0.5)
+    concept, rel, irr = (torch.randn(2, n, 3, dtype=torch.float64) for n in (4, 3, 3))
+    scores = model(concept, torch.cat([rel, irr], 1))
+    HistogramLoss()(scores[:, :3], scores[:, 3:]).backward()
+    for p in model.parameters():
+        assert torch.isfinite(p.grad).all()
+
+
+# ----------------------------------------------------------------------------- programs
+def _usage_error(main, argv, capsys, match):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "Traceback" not in err and match in err, err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [(["--threads", "-1"], "--threads must be >= 1"), (["--device", "bogus"], "--device must be cpu, cuda or cuda:N"),
+     (["--checkpoint-every", "-5"], "--checkpoint-every must be >= 0"),
+     (["--var-floor", "1e300"], "--var-floor must be <= 3.4e+38")],
+)
+def test_train_bad_flags_are_usage_errors(flags, match, tmp_path, capsys):
+    from s2m_ext.train import main
+
+    _usage_error(main, ["--out", str(tmp_path / "o"), "--no-progress", *flags], capsys, match)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_train_and_eval_refuse_cuda_without_cuda(tmp_path, capsys):
+    from s2m_ext import eval as s2m_eval
+    from s2m_ext.train import main
+
+    _usage_error(main, ["--out", str(tmp_path / "o"), "--device", "cuda"], capsys, "no usable CUDA device")
+    _usage_error(s2m_eval.main, ["--device", "cuda", str(tmp_path / "x.pt")], capsys, "no usable CUDA device")
+
+
+@pytest.mark.parametrize("flags, match", [(["--threads", "-1"], "--threads must be >= 1"),
+                                          (["--device", "bogus"], "--device must be"),
+                                          (["--var-floor", "1e300"], "--var-floor must be a finite number in")])
+def test_eval_bad_flags_are_usage_errors(flags, match, tmp_path, capsys):
+    from s2m_ext import eval as s2m_eval
+
+    _usage_error(s2m_eval.main, [*flags, str(tmp_path / "x.pt")], capsys, match)
+
+
+def test_resume_with_fewer_steps_or_another_out_folder_is_refused(tmp_path, capsys):
+    from s2m_ext.train import main
+
+    run = ["--data", "glyphs", "--train-classes", "24", "--val-classes", "6", "--test-classes", "6",
+           "--per-class", "20", "--tuples", "4", "--width", "8", "--depth", "2", "--dim", "8", "--threads", "1",
+           "--val-every", "1000", "--no-progress"]
+    assert main([*run, "--steps", "2", "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    _usage_error(main, ["--out", str(tmp_path / "a"), "--resume", "--steps", "1", "--no-progress"], capsys,
+                 "--steps 1 is below the 2 steps")
+    _usage_error(main, ["--resume", str(tmp_path / "a" / "last.pt"), "--out", str(tmp_path / "b"), "--no-progress"],
+                 capsys, "names another folder")
