@@ -175,7 +175,9 @@ def score_tuples(draw):
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     fmax = torch.finfo(dtype).max
     log_scale = draw(st.floats(-40.0 if dtype == torch.float32 else -300.0, math.log10(fmax) - 0.05))
-    kind = draw(st.sampled_from(["random", "tied", "two-valued", "offset"]))
+    kind = draw(st.sampled_from(["random", "tied", "two-valued", "offset", "span"]))
+    if kind == "span":  # the union of the scores spans (nearly) the whole dtype range
+        log_scale = math.log10(fmax) - 0.05
     s = torch.randn(b, p + q, generator=g, dtype=torch.float64)
     if kind == "tied":
         s = torch.full_like(s, float(torch.randn(1, generator=g)))
@@ -183,6 +185,8 @@ def score_tuples(draw):
         s = (s > 0).double()
     elif kind == "offset":
         s = 1.0 + 1e-9 * s
+    elif kind == "span":
+        s[:, 0], s[:, -1] = -1.0, 1.0
     s = (s / s.abs().max().clamp_min(1e-300) * 10.0**log_scale).clamp(-fmax, fmax).to(dtype)
     return s[:, :p], s[:, p:], draw(st.integers(2, 100))
 
