@@ -229,3 +229,13 @@ def test_resume_with_fewer_steps_or_another_out_folder_is_refused(tmp_path, caps
                  "--steps 1 is below the 2 steps")
     _usage_error(main, ["--resume", str(tmp_path / "a" / "last.pt"), "--out", str(tmp_path / "b"), "--no-progress"],
                  capsys, "names another folder")
+
+
+@pytest.mark.parametrize("pos, neg", [(1e-39, -1.9042e-40), (1e-45, 0.0), (3e-39, 3e-39)])
+def test_histogram_loss_subnormal_scores_have_finite_gradients(pos, neg):
+    # Found by the fuzz suite: a tie by the sqrt(tiny) rule with subnormal float32 scores.
+    p = torch.tensor([[pos]], requires_grad=True)
+    n = torch.tensor([[neg]], requires_grad=True)
+    loss = histogram_loss(p, n, bins=2)
+    loss.backward()
+    assert loss.item() == 1.0 and p.grad.item() == 0.0 and n.grad.item() == 0.0

@@ -102,9 +102,14 @@ def histogram_loss(
     # position 0 and zero gradient (a subgradient of the flat top of the loss), not 0/0.
     fi = torch.finfo(relevant.dtype)
     mag = torch.maximum(lo.abs(), hi.abs())
-    scale = torch.where(mag > 0, mag, torch.ones_like(mag))
-    width = hi / scale - lo / scale  # in [0, 2]
-    tied = ~((width > fi.eps) & (width * scale >= math.sqrt(fi.tiny)))
+    with torch.no_grad():
+        m = torch.where(mag > 0, mag, torch.ones_like(mag))
+        w = hi / m - lo / m  # in [0, 2]
+        tied = ~((w > fi.eps) & (w * m >= math.sqrt(fi.tiny)))
+    # Tied rows divide by 1, not by their magnitude: their (unused) branch must not carry
+    # a gradient like s / mag**2 that overflows for subnormal scores (0 * Inf in backward).
+    scale = torch.where(tied, torch.ones_like(mag), mag)
+    width = hi / scale - lo / scale
     safe_width = torch.where(tied, torch.ones_like(width), width)
 
     def positions(s: Tensor, mask: Tensor) -> Tensor:
