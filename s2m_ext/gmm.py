@@ -161,7 +161,10 @@ class DiagGMM:
     def __getitem__(self, index) -> "DiagGMM":
         """Select mixtures along the batch dimension (int, slice, index or mask tensor)."""
         if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
+            if not -self.batch_size <= index < self.batch_size:
+                raise IndexError(f"mixture index {index} is out of range for B = {self.batch_size}")
+            index %= self.batch_size
+            index = slice(index, index + 1)
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return DiagGMM._from_fit(
             self.log_weights[index], self.means[index], self.variances[index],

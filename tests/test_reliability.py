@@ -239,3 +239,30 @@ def test_histogram_loss_subnormal_scores_have_finite_gradients(pos, neg):
     loss = histogram_loss(p, n, bins=2)
     loss.backward()
     assert loss.item() == 1.0 and p.grad.item() == 0.0 and n.grad.item() == 0.0
+
+
+# ----------------------------------------------------------------------------- arguments
+def test_mixture_index_out_of_range_raises_index_error():
+    gmm = DiagGMM(torch.zeros(3, 1), torch.zeros(3, 1, 2), torch.ones(3, 1, 2))
+    with pytest.raises(IndexError, match="out of range for B = 3"):
+        gmm[7]
+    with pytest.raises(IndexError):
+        gmm[-4]
+    assert gmm[-1].batch_size == 1 and gmm[2].batch_size == 1
+
+
+@pytest.mark.parametrize("kw, match", [(dict(var_floor=math.inf), "var_floor"), (dict(var_floor=True), "var_floor"),
+                                       (dict(tol=math.inf), "tol")])
+def test_set2model_constructor_refuses_bad_settings(kw, match):
+    from s2m_ext.nn import Set2Model
+
+    with pytest.raises(ValueError, match=match):
+        Set2Model(torch.nn.Linear(3, 4), n_components=2, item_dims=1, **kw)
+
+
+def test_generators_of_the_wrong_type_are_refused():
+    from s2m_ext.nn import Set2Model
+
+    model = Set2Model(torch.nn.Linear(3, 4), n_components=2, n_iter=1, item_dims=1)
+    with pytest.raises(TypeError, match="generators must be None, a torch.Generator or a list"):
+        model(torch.randn(2, 4, 3), torch.randn(2, 2, 3), generators=5)

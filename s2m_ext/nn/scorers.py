@@ -12,6 +12,8 @@ Higher scores mean "more likely to belong to the concept".
 
 from __future__ import annotations
 
+import math
+
 import re
 from typing import Optional, Sequence, Tuple, Union
 
@@ -100,12 +102,12 @@ class GMMScorer(SetScorer):
             raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
         if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
             raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
-        if not (isinstance(var_floor, (int, float)) and var_floor > 0):
-            raise ValueError(f"var_floor must be a number > 0 (log-densities need a floor), got {var_floor!r}")
+        if isinstance(var_floor, bool) or not isinstance(var_floor, (int, float)) or not (0 < var_floor < math.inf):
+            raise ValueError(f"var_floor must be a number > 0 and finite (log-densities need a floor), got {var_floor!r}")
         if init != "kmeans++":
             raise ValueError(f"init must be 'kmeans++', got {init!r}")
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+            raise ValueError(f"tol must be a number >= 0 and finite, got {tol!r}")
         if not isinstance(backward, ImplicitBackward) and backward not in BACKWARDS:
             raise ValueError(
                 f"backward must be one of {', '.join(map(repr, BACKWARDS))} or an s2m_ext.ImplicitBackward, got {backward!r}"
@@ -128,6 +130,10 @@ class GMMScorer(SetScorer):
             return DiagGMM(zeros[:, :, 0], zeros, torch.ones_like(zeros))
         if generators is None or isinstance(generators, torch.Generator):
             return "kmeans++"
+        if not isinstance(generators, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generators):
+            raise TypeError(
+                f"generators must be None, a torch.Generator or a list of them (one per set), got {type(generators).__name__}"
+            )
         if len(generators) != batch:
             raise ValueError(f"generators must hold one torch.Generator per concept set ({batch}), got {len(generators)}")
         with torch.no_grad():
