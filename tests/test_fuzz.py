@@ -29,7 +29,7 @@ from conftest import SESSION_SEED  # noqa: E402
 
 _COMMON = dict(deadline=None, suppress_health_check=list(HealthCheck), print_blob=True, database=None)
 settings.register_profile("ci", max_examples=15, **_COMMON)
-settings.register_profile("long", max_examples=400, **_COMMON)
+settings.register_profile("long", max_examples=int(os.environ.get("S2M_FUZZ_EXAMPLES", "400")), **_COMMON)
 settings.load_profile(os.environ.get("S2M_FUZZ_PROFILE", "ci"))
 
 #: Examples run in this session, per test (printed at the end of a long run).
