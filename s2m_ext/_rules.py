@@ -7,6 +7,7 @@ import math
 from typing import Tuple
 
 import torch
+from torch import Tensor
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -17,3 +18,9 @@ def limits(dtype: torch.dtype) -> Tuple[float, float, float, float]:
     ``var_min = eps**2``, log weights never below ``log_weight_min = log(tiny)``."""
     fi = torch.finfo(dtype)
     return fi.eps, fi.tiny, fi.eps**2, math.log(fi.tiny)
+
+
+def weighted(w: Tensor, f: Tensor) -> Tensor:
+    """w * f, exactly 0 where w == 0 even where f is +-inf (the kernels' rule for weight 0).
+    Differentiable as w * f wherever f is finite (d/dw = f also at w = 0)."""
+    return w * torch.where((w != 0) | torch.isfinite(f), f, torch.zeros_like(f))

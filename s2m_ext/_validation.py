@@ -62,11 +62,16 @@ def check_same_device(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
 
 
-def check_int(value, name: str, minimum: int) -> int:
+INT_MAX = 2**31 - 1  # counts (components, iterations) the kernels index with
+
+
+def check_int(value, name: str, minimum: int, maximum: int = INT_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
 
 
@@ -86,12 +91,57 @@ def _extremes(t: Tensor):
     return float(lo), float(hi)
 
 
-def check_finite(t: Tensor, name: str) -> None:
+def magnitude_bound(dtype: torch.dtype, dims: int) -> float:
+    """Largest |value| of points and means in D = ``dims`` dimensions for which every squared
+    distance sum_d (a_d - b_d)^2 between two of them is finite in ``dtype``:
+    sqrt(max / D) / 2 (about 1.8e19 / sqrt(D) in float32, 6.7e153 / sqrt(D) in float64)."""
+    return math.sqrt(torch.finfo(dtype).max / max(int(dims), 1)) / 2
+
+
+def check_finite(t: Tensor, name: str, dims: Optional[int] = None) -> float:
+    """Refuse NaN/Inf in t and, with ``dims``, values beyond :func:`magnitude_bound`.
+    Returns max |t| (0 when the check is skipped or t is empty)."""
     if not value_checks_enabled() or t.numel() == 0:
-        return
+        return 0.0
     lo, hi = _extremes(t)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} must be finite: it holds NaN or Inf")
+    largest = max(abs(lo), abs(hi))
+    if dims is not None:
+        bound = magnitude_bound(t.dtype, dims)
+        if largest > bound:
+            dtype = str(t.dtype).replace("torch.", "")
+            raise ValueError(
+                f"{name} must satisfy |{name}| <= {bound:.3g} in {dtype} with D = {dims} (squared distances "
+                f"beyond the largest {dtype}, {torch.finfo(t.dtype).max:.3g}, overflow), got a value of "
+                f"magnitude {largest:.3g}; rescale {name} or use float64"
+            )
+    return largest
+
+
+def check_fit_scale(weights: Tensor, largest_x: float, dims: int) -> None:
+    """Refuse weighted moments that overflow the dtype: per set, the total weight W and
+    W * D * (2 max|x|)^2 (a bound on the weighted second moment) must be <= the dtype's max."""
+    if not value_checks_enabled() or weights.numel() == 0:
+        return
+    fmax = torch.finfo(weights.dtype).max
+    total = float(weights.detach().double().sum(-1).max())
+    moment = total * dims * (2.0 * largest_x) ** 2
+    if not (total <= fmax and moment <= fmax):
+        dtype = str(weights.dtype).replace("torch.", "")
+        raise ValueError(
+            f"weights: a set's total weight W = {total:.3g} with max|x| = {largest_x:.3g} and D = {dims} gives "
+            f"weighted moments W * D * (2 max|x|)^2 = {moment:.3g} beyond the largest {dtype} ({fmax:.3g}); "
+            f"scale the weights down (the fit depends only on their ratios) or use float64"
+        )
+
+
+def check_var_floor(var_floor: float, dtype: torch.dtype) -> None:
+    """var_floor enters every variance: it must be finite in the dtype of x."""
+    fmax = torch.finfo(dtype).max
+    if var_floor > fmax:
+        dtype_name = str(dtype).replace("torch.", "")
+        raise ValueError(f"var_floor must be <= {fmax:.3g} (finite in {dtype_name}, the dtype of x), got {var_floor:.3g}")
 
 
 def check_weight_values(weights: Tensor, name: str = "weights") -> None:

@@ -32,7 +32,7 @@ from .data.sources import DATA_SOURCES, data_config
 from .nn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
 from .nn.scorers import MIXTURE_DEFAULTS, SCORER_NAMES, display_name, make_scorer
-from .train import default_threads
+from .train import check_device, check_threads, default_threads
 
 __all__ = ["evaluate", "main", "confidence_interval"]
 
@@ -343,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        check_device(args.device)
+        check_threads(args.threads)
+        if args.var_floor is not None and not (math.isfinite(args.var_floor) and 0 <= args.var_floor <= torch.finfo(torch.float32).max):
+            raise ValueError(f"--var-floor must be a finite number in [0, 3.4e38] (the float32 range), got {args.var_floor}")
+    except ValueError as exc:
+        parser.error(str(exc))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads or default_threads())
     try:

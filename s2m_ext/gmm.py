@@ -13,7 +13,7 @@ from torch import Tensor
 from . import _validation as V
 from . import implicit
 from ._ops import ops
-from ._rules import limits
+from ._rules import limits, weighted
 
 __all__ = ["DiagGMM", "fit_gmm", "ConvergenceWarning"]
 
@@ -59,7 +59,7 @@ class DiagGMM:
         if variances.shape != means.shape:
             raise ValueError(f"variances must have the shape of means {tuple(means.shape)}, got {tuple(variances.shape)}")
         if V.value_checks_enabled():
-            V.check_finite(means, "means")
+            V.check_finite(means, "means", dims=d)
             V.check_finite(log_weights, "log_weights")
             V.check_finite(variances, "variances")
             if variances.numel() and float(variances.detach().min()) <= 0:
@@ -115,7 +115,7 @@ class DiagGMM:
         V.check_same_device(z, name, self.means, "the mixture")
         if z.shape[-1] != self.dim:
             raise ValueError(f"{name}.shape[-1] must equal the mixture dimension D = {self.dim}, got {z.shape[-1]}")
-        V.check_finite(z, name)
+        V.check_finite(z, name, dims=self.dim)
         return z
 
     def log_prob(self, z: Tensor) -> Tensor:
@@ -162,7 +162,10 @@ class DiagGMM:
     def __getitem__(self, index) -> "DiagGMM":
         """Select mixtures along the batch dimension (int, slice, index or mask tensor)."""
         if isinstance(index, int):
-            index = slice(index, index + 1 if index != -1 else None)
+            if not -self.batch_size <= index < self.batch_size:
+                raise IndexError(f"mixture index {index} is out of range for B = {self.batch_size}")
+            index %= self.batch_size
+            index = slice(index, index + 1)
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return DiagGMM._from_fit(
             self.log_weights[index], self.means[index], self.variances[index],
@@ -218,7 +221,7 @@ def _kmeanspp_init(x: Tensor, weights: Tensor, k: int, var_floor: float, generat
         total = w.sum(1)
         total = torch.where(total > 0, total, torch.ones_like(total))
         centre = (w * x.detach()).sum(1) / total
-        spread = (w * (x.detach() - centre.unsqueeze(1)) ** 2).sum(1) / total
+        spread = weighted(w, (x.detach() - centre.unsqueeze(1)) ** 2).sum(1) / total
         variances = (spread + var_floor).clamp_min(limits(x.dtype)[2]).unsqueeze(1).expand(batch, k, dims).contiguous()
         log_weights = torch.full((batch, k), -math.log(k), dtype=x.dtype, device=x.device)
     return log_weights, means, variances
@@ -246,8 +249,10 @@ def prepare_fit(
     if n_components is not None:
         n_components = V.check_int(n_components, "n_components", 1)
     generator = _check_generator(generator, x.shape[0])
-    V.check_finite(x, "x")
+    V.check_var_floor(var_floor, x.dtype)
+    largest_x = V.check_finite(x, "x", dims=x.shape[2])
     weights = V.normalise_weights(weights, x)
+    V.check_fit_scale(weights, largest_x, x.shape[2])
 
     if isinstance(init, DiagGMM):
         batch, _, dims = x.shape
@@ -264,6 +269,12 @@ def prepare_fit(
                 f"n_components = {n_components} contradicts init, which has {init.n_components} components"
             )
         params = init.params()
+        var_min = limits(x.dtype)[2]
+        if V.value_checks_enabled() and float(init.variances.detach().min()) < var_min:
+            raise ValueError(
+                f"init.variances must be >= eps**2 = {var_min:.3g} for {str(x.dtype).replace('torch.', '')} "
+                f"(the least variance a fit can hold), got {float(init.variances.detach().min()):.3g}"
+            )
     elif isinstance(init, str):
         if init != "kmeans++":
             raise ValueError(f"init must be 'kmeans++' or a DiagGMM, got {init!r}")

@@ -22,10 +22,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._rules import LOG_2PI, limits
+from ._rules import LOG_2PI, limits, weighted
 
 __all__ = [
     "limits",
+    "weighted",
     "component_log_densities",
     "e_step",
     "m_step",
@@ -49,7 +50,11 @@ def e_step(x: Tensor, weights: Tensor, log_weights: Tensor, means: Tensor, varia
     """Responsibilities (B,N,K) and the weighted log-likelihood sum_n w_n log p(x_n) (B)."""
     log_dens = component_log_densities(x, log_weights, means, variances)
     lse = torch.logsumexp(log_dens, dim=-1)
-    return torch.exp(log_dens - lse.unsqueeze(-1)), (weights * lse).sum(1)
+    # A point with every log-density -inf gets uniform responsibilities (never -inf - -inf);
+    # a point of weight 0 adds 0 to the log-likelihood whatever its log-density.
+    underflow = (lse == -math.inf).unsqueeze(-1)
+    resp = torch.where(underflow, torch.full_like(log_dens, 1.0 / log_dens.shape[-1]), torch.exp(log_dens - lse.unsqueeze(-1)))
+    return resp, weighted(weights, lse).sum(1)
 
 
 def m_step(
@@ -62,7 +67,7 @@ def m_step(
     """Weighted M-step; ``prev`` = (log_weights, means, variances) before it."""
     eps, tiny, var_min, log_weight_min = limits(x.dtype)
     lw_prev, mu_prev, var_prev = prev
-    q = weights.unsqueeze(-1) * resp  # (B,N,K)
+    q = weighted(weights.unsqueeze(-1), resp)  # (B,N,K)
     nk = q.sum(1)  # (B,K)
     total = weights.sum(1, keepdim=True)  # (B,1)
     has_weight = total > 0
@@ -70,7 +75,7 @@ def m_step(
     nk_alive = torch.where(alive, nk, torch.ones_like(nk))
     mu = torch.einsum("bnk,bnd->bkd", q, x) / nk_alive.unsqueeze(-1)
     mu = torch.where(alive.unsqueeze(-1), mu, mu_prev)
-    s2 = torch.einsum("bnk,bnkd->bkd", q, (x.unsqueeze(2) - mu.unsqueeze(1)) ** 2)
+    s2 = weighted(q.unsqueeze(-1), (x.unsqueeze(2) - mu.unsqueeze(1)) ** 2).sum(1)
     var = (s2 / nk_alive.unsqueeze(-1) + var_floor).clamp_min(var_min)
     var = torch.where(alive.unsqueeze(-1), var, var_prev)
     lw_live = has_weight & (nk > total * tiny)
@@ -157,7 +162,7 @@ def kmeanspp(x: Tensor, weights: Tensor, uniforms: Tensor) -> Tensor:
     for j in range(1, k):
         center = x[rows, idx[:, j - 1]]
         d2 = torch.minimum(d2, ((x - center.unsqueeze(1)) ** 2).sum(-1))
-        p = weights * d2
+        p = weighted(weights, d2)
         by_distance = p.double().sum(1) > 0
         idx[:, j] = torch.where(by_distance, _sample(p, uniforms[:, j]), _sample(weights, uniforms[:, j]))
     return idx

@@ -125,7 +125,37 @@ def data_spec(cfg: TrainConfig) -> Dict[str, Any]:
     return data_config("omniglot", root=cfg.data_root, seed=cfg.data_seed, split_by=cfg.split_by)
 
 
+def check_device(device: str) -> None:
+    """A usable --device: cpu, cuda or cuda:N of this machine (ValueError otherwise)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch has no usable CUDA device")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_threads(threads: Optional[int]) -> None:
+    if threads is not None and threads < 0:
+        raise ValueError(f"--threads must be >= 1 (or 0 / omitted for the default), got {threads}")
+
+
 def _check_config(cfg: TrainConfig) -> None:
+    if cfg.device != "auto":
+        check_device(cfg.device)
+    check_threads(cfg.threads)
+    if cfg.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0 (0: off), got {cfg.checkpoint_every}")
+    if not (math.isfinite(cfg.var_floor) and cfg.var_floor >= 0):
+        raise ValueError(f"--var-floor must be a finite number >= 0, got {cfg.var_floor}")
+    fmax = torch.finfo(getattr(torch, cfg.dtype, torch.float32)).max
+    if cfg.var_floor > fmax:
+        raise ValueError(f"--var-floor must be <= {fmax:.3g} (finite in {cfg.dtype}), got {cfg.var_floor:.3g}")
     if cfg.data not in DATA_SOURCES:
         raise ValueError(f"--data must be one of {DATA_SOURCES}, got {cfg.data!r}")
     if cfg.scorer not in SCORER_NAMES:
@@ -308,8 +338,13 @@ class _Run:
         if cfg.resume:
             path = Path(cfg.out) / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
             resume_payload = load_checkpoint(path)
+            if cfg.resume != "auto" and "out" in explicit and path.resolve().parent != Path(cfg.out).resolve():
+                raise ValueError(f"--resume {path} continues the run in {path.parent}; --out {cfg.out} names another "
+                                 "folder (omit --out, or resume that folder's last.pt)")
             cfg = _resume_config(cfg, explicit, resume_payload["config"])
             cfg.resume = str(path)
+            if cfg.steps < int(resume_payload["step"]):
+                raise ValueError(f"--steps {cfg.steps} is below the {resume_payload['step']} steps the resumed run has done")
         _check_config(cfg)
         if cfg.tuples % self.world:
             raise ValueError(f"--tuples ({cfg.tuples}) must be divisible by the number of processes ({self.world})")

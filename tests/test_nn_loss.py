@@ -59,13 +59,18 @@ def test_separated_scores_give_exact_zero_and_one():
     assert histogram_loss(neg, pos, bins=100).item() == pytest.approx(1.0, abs=1e-12)
 
 
-def test_all_equal_scores_count_as_misordered_and_are_finite():
-    pos = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
-    neg = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
-    loss = histogram_loss(pos, neg)
+@pytest.mark.parametrize("bins", [2, 3, 100])
+@pytest.mark.parametrize("value", [0.0, 10.0, -3e38])
+def test_all_equal_scores_count_as_misordered_and_are_finite(bins, value):
+    pos = torch.full((2, 4), value, dtype=torch.float64, requires_grad=True)
+    neg = torch.full((2, 3), value, dtype=torch.float64, requires_grad=True)
+    loss = histogram_loss(pos, neg, bins=bins)
     loss.backward()
     assert loss.item() == pytest.approx(1.0)
     assert torch.isfinite(pos.grad).all() and torch.isfinite(neg.grad).all()
+    # All ties is the loss's maximum: its gradient is a subgradient of size O(1) at most
+    # (0 here), never the 1/tiny of a range divided by zero.
+    assert pos.grad.abs().max() <= 1.0 and neg.grad.abs().max() <= 1.0
 
 
 def test_invariant_to_shift_and_scale_per_tuple():

@@ -9,6 +9,11 @@
 //  * log weight: log(Nk) - log(W) if Nk > W * tiny(T), else kLogWeightMin = log(tiny(T)).
 //  * W == 0:     a set with no weight keeps all its parameters (inputs are validated in
 //                Python; this only keeps the kernels finite when validation is off).
+//  * weight 0:   a point of weight 0 (padding rows included) adds exactly 0 to every sum,
+//                also where its other factor overflowed to Inf: weighted(w, f), never 0*Inf.
+//  * underflow:  a point whose log-densities are all -Inf (farther from every component
+//                than the dtype can express) gets uniform responsibilities 1/K (the limit
+//                of K equal log-densities) and log-density -Inf: shifted_log_density.
 #pragma once
 
 #include <cfloat>
@@ -43,6 +48,19 @@ struct Limits<double> {
   static constexpr double var_min = DBL_EPSILON * DBL_EPSILON;
   static constexpr double log_weight_min = -708.39641853226408;  // log(DBL_MIN)
 };
+
+// w * f, exactly 0 where w == 0 whatever f is (0 * Inf would be NaN).
+template <typename T>
+S2M_HD T weighted(T w, T f) {
+  return w == T(0) ? T(0) : w * f;
+}
+
+// l - lmax for the softmax over one point's log-densities l with maximum lmax; all 0 (uniform
+// responsibilities) where every l is -Inf, instead of -Inf - (-Inf) = NaN.
+template <typename T>
+S2M_HD T shifted_log_density(T l, T lmax) {
+  return lmax == -INFINITY ? T(0) : l - lmax;
+}
 
 // Is component k still fitted from data? (Otherwise it keeps its previous mean/variance.)
 template <typename T>

@@ -138,7 +138,7 @@ void block_posteriors(T* l, int64_t K, T* resp, T* lse) {
     T m = lj[0];
     for (int64_t k = 1; k < K; ++k) m = lj[k] > m ? lj[k] : m;
     lmax[j] = m;
-    for (int64_t k = 0; k < K; ++k) lj[k] -= m;
+    for (int64_t k = 0; k < K; ++k) lj[k] = shifted_log_density(lj[k], m);
   }
   T* e = resp != nullptr ? resp : l;
 #pragma omp simd

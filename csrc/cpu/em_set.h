@@ -163,7 +163,7 @@ template <typename T>
 bool block_masses(const Workspace<T>& ws, int64_t n0, int64_t k, int64_t K, T* q) {
   bool any = false;
   for (int64_t j = 0; j < kBlock; ++j) {
-    q[j] = ws.w[n0 + j] * ws.resp[(n0 + j) * K + k];
+    q[j] = weighted(ws.w[n0 + j], ws.resp[(n0 + j) * K + k]);
     any = any || q[j] != T(0);
   }
   return any;
@@ -208,7 +208,7 @@ void m_step(T total_w, SetShape s, ConstParams<T> prev, Params<T> next, T var_fl
       for (int64_t d = 0; d < D; ++d) {
         const T m = mu[d];
         const T e0 = x0[d] - m, e1 = x1[d] - m, e2 = x2[d] - m, e3 = x3[d] - m;
-        s2[d] += (q[0] * e0 * e0 + q[1] * e1 * e1) + (q[2] * e2 * e2 + q[3] * e3 * e3);
+        s2[d] += (weighted(q[0], e0 * e0) + weighted(q[1], e1 * e1)) + (weighted(q[2], e2 * e2) + weighted(q[3], e3 * e3));
       }
     }
   }
@@ -330,11 +330,11 @@ void m_step_backward(T total_w, SetShape s, ConstParams<T> theta_t, ConstParams<
           a1 += (ga + gb * e1) * e1;
           a2 += (ga + gb * e2) * e2;
           a3 += (ga + gb * e3) * e3;
-          s2[d] += (q[0] * e0 * e0 + q[1] * e1 * e1) + (q[2] * e2 * e2 + q[3] * e3 * e3);
-          gx0[d] += c0 * (ga + T(2) * gb * e0);
-          gx1[d] += c1 * (ga + T(2) * gb * e1);
-          gx2[d] += c2 * (ga + T(2) * gb * e2);
-          gx3[d] += c3 * (ga + T(2) * gb * e3);
+          s2[d] += (weighted(q[0], e0 * e0) + weighted(q[1], e1 * e1)) + (weighted(q[2], e2 * e2) + weighted(q[3], e3 * e3));
+          gx0[d] += weighted(c0, ga + T(2) * gb * e0);
+          gx1[d] += weighted(c1, ga + T(2) * gb * e1);
+          gx2[d] += weighted(c2, ga + T(2) * gb * e2);
+          gx3[d] += weighted(c3, ga + T(2) * gb * e3);
         }
       }
       pa[n0 * K + k] = a0;
@@ -372,8 +372,8 @@ void m_step_backward(T total_w, SetShape s, ConstParams<T> theta_t, ConstParams<
     const T* r = ws.resp + n * K;
     T gw = -w_term;
     for (int64_t k = 0; k < K; ++k) {
-      gw += r[k] * gq[k];
-      g_resp[k] = ws.w[n] * gq[k];
+      gw += weighted(r[k], gq[k]);
+      g_resp[k] = weighted(ws.w[n], gq[k]);
     }
     if (n < s.n) g_w[n] += gw;
     softmax_backward(r, g_resp, K, gq);  // in place: pa becomes dL/dl

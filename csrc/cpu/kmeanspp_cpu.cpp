@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "common/gmm_math.h"
 
 namespace s2m {
 namespace cpu {
@@ -47,7 +48,7 @@ void seed_set(const T* x, const T* w, const double* u, int64_t N, int64_t D, int
         acc += diff * diff;
       }
       d2[n] = std::min(d2[n], acc);
-      p[n] = w[n] * d2[n];
+      p[n] = weighted(w[n], d2[n]);  // a far zero-weight point: 0, not 0 * Inf
       total += double(p[n]);
     }
     // Fewer distinct (weighted) points than components: fall back to sampling by weight.

@@ -358,7 +358,7 @@ S2M_DEV void posteriors(const SetCtx<T>& s, bool want_resp) {
     // eps |lse|, which exp would turn into a relative error of the posteriors.
     T sum = T(0);
     for (int k = 0; k < s.K; ++k) {
-      const T e = std::exp(r[k] - lmax);
+      const T e = std::exp(shifted_log_density(r[k], lmax));  // all -inf: uniform
       if (want_resp) r[k] = e;
       sum += e;
     }

@@ -5,6 +5,7 @@
 
 #include <climits>
 
+#include "common/gmm_math.h"
 #include "cuda/device_common.cuh"
 
 namespace s2m {
@@ -108,7 +109,7 @@ __global__ void __launch_bounds__(kThreads)
   const double* u = uniforms + b * K;
   T* d2 = d2_all + b * int64_t(N);
   auto by_weight = [&](int n) { return wb[n]; };
-  auto by_distance = [&](int n) { return wb[n] * d2[n]; };
+  auto by_distance = [&](int n) { return weighted(wb[n], d2[n]); };
   int chosen = sample_index(N, by_weight, u[0], sc);
   if (threadIdx.x == 0) idx[b * K] = chosen;
   for (int j = 1; j < K; ++j) {

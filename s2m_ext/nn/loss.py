@@ -12,10 +12,13 @@ pairs: exact for every pair whose two scores are at least two bin widths apart.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from .._validation import value_checks_enabled
 
 __all__ = ["HistogramLoss", "histogram_loss"]
 
@@ -32,11 +35,15 @@ def _check_scores(scores: Tensor, name: str, mask: Optional[Tensor], batch: Opti
     if scores.shape[1] < 1:
         raise ValueError(f"{name} must hold at least one score per tuple, got shape {tuple(scores.shape)}")
     if mask is None:
-        return torch.ones_like(scores, dtype=torch.bool)
+        mask = torch.ones_like(scores, dtype=torch.bool)
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != scores.shape:
         raise ValueError(f"the mask of {name} must be a bool tensor of shape {tuple(scores.shape)}")
-    if mask.device != scores.device:
+    elif mask.device != scores.device:
         raise ValueError(f"the mask of {name} must be on {scores.device}, got {mask.device}")
+    if value_checks_enabled():
+        lo, hi = torch.aminmax(torch.where(mask, scores.detach(), torch.zeros_like(scores)))
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            raise ValueError(f"{name} must be finite where its mask is True: it holds NaN or Inf")
     if not bool(mask.any(1).all()):
         raise ValueError(f"every tuple needs at least one valid entry in {name}; a row of its mask is all False")
     return mask
@@ -88,10 +95,29 @@ def histogram_loss(
     hi = torch.maximum(
         torch.where(pos_mask, relevant, -inf).amax(1), torch.where(neg_mask, irrelevant, -inf).amax(1)
     ).unsqueeze(1)
-    # All scores equal: every pair is a tie and counts as mis-ordered (loss 1), without 0/0.
-    width = (hi - lo).clamp_min(torch.finfo(relevant.dtype).tiny)
-    t_pos = torch.where(pos_mask, (relevant - lo) / width, torch.zeros_like(relevant))
-    t_neg = torch.where(neg_mask, (irrelevant - lo) / width, torch.zeros_like(irrelevant))
+    # Positions are computed on the scores divided by their magnitude c = max(|lo|, |hi|), so
+    # that hi - lo cannot overflow (scores spanning +-3e38 in float32). A tuple whose range
+    # is at rounding level (width <= eps c) or too small for 1/width to stay finite in every
+    # gradient (width < sqrt(tiny)) counts as all ties: every pair mis-ordered (loss 1), with
+    # position 0 and zero gradient (a subgradient of the flat top of the loss), not 0/0.
+    fi = torch.finfo(relevant.dtype)
+    mag = torch.maximum(lo.abs(), hi.abs())
+    with torch.no_grad():
+        m = torch.where(mag > 0, mag, torch.ones_like(mag))
+        w = hi / m - lo / m  # in [0, 2]
+        tied = ~((w > fi.eps) & (w * m >= math.sqrt(fi.tiny)))
+    # Tied rows divide by 1, not by their magnitude: their (unused) branch must not carry
+    # a gradient like s / mag**2 that overflows for subnormal scores (0 * Inf in backward).
+    scale = torch.where(tied, torch.ones_like(mag), mag)
+    width = hi / scale - lo / scale
+    safe_width = torch.where(tied, torch.ones_like(width), width)
+
+    def positions(s: Tensor, mask: Tensor) -> Tensor:
+        t = (s / scale - lo / scale) / safe_width
+        return torch.where(mask & ~tied, t, torch.zeros_like(t))
+
+    t_pos = positions(relevant, pos_mask)
+    t_neg = positions(irrelevant, neg_mask)
 
     h_pos = _soft_histogram(t_pos, pos_mask, bins)
     h_neg = _soft_histogram(t_neg, neg_mask, bins)

@@ -95,10 +95,13 @@ class ConceptModel(nn.Module):
                 f"queries {tuple(queries.shape)} must have the batch size and item shape of concept {tuple(concept.shape)}"
             )
         batch, n_concept = concept.shape[:2]
+        if batch < 1 or n_concept < 1:
+            raise ValueError(f"concept must hold B >= 1 sets of N >= 1 items, got shape {tuple(concept.shape)}")
         items = torch.cat([concept.flatten(0, 1), queries.flatten(0, 1)])
         desc = self.embed_items(items)
-        concept_desc = desc[: batch * n_concept].reshape(batch, n_concept, -1)
-        query_desc = desc[batch * n_concept :].reshape(batch, queries.shape[1], -1)
+        dims = desc.shape[-1]  # explicit: with Q = 0 a -1 would be ambiguous
+        concept_desc = desc[: batch * n_concept].reshape(batch, n_concept, dims)
+        query_desc = desc[batch * n_concept :].reshape(batch, queries.shape[1], dims)
         return self.score(self.fit(concept_desc, concept_mask, generators), query_desc)
 
 

@@ -12,6 +12,8 @@ Higher scores mean "more likely to belong to the concept".
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -62,12 +64,17 @@ SCORER_NAMES = ("gauss", "gmm2", "gmm3", "gmm4", "avg", "nn")
 def _check_desc(desc: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
     if not isinstance(desc, Tensor) or desc.dim() != 3:
         raise ValueError(f"concept descriptors must be a (B, N, D) tensor, got {getattr(desc, 'shape', type(desc))}")
+    if desc.shape[0] < 1 or desc.shape[1] < 1:
+        raise ValueError(f"concept descriptors need B >= 1 sets of N >= 1 items, got shape {tuple(desc.shape)}")
     if mask is None:
         return None
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(desc.shape[:2]):
         raise ValueError(f"mask must be a bool tensor of shape (B, N) = {tuple(desc.shape[:2])}, got {getattr(mask, 'shape', mask)}")
     if mask.device != desc.device:
         raise ValueError(f"mask must be on the device of the descriptors ({desc.device}), got {mask.device}")
+    empty = (~mask.any(1)).nonzero().flatten()
+    if empty.numel() > 0:  # the same refusal for every scorer: a set needs an item
+        raise ValueError(f"mask: every set needs at least one True entry, but set(s) {empty[:8].tolist()} have none")
     return mask
 
 
@@ -122,12 +129,12 @@ class GMMScorer(SetScorer):
             raise ValueError(f"n_components must be an int >= 1, got {n_components!r}")
         if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
             raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
-        if not (isinstance(var_floor, (int, float)) and var_floor > 0):
-            raise ValueError(f"var_floor must be a number > 0 (log-densities need a floor), got {var_floor!r}")
+        if isinstance(var_floor, bool) or not isinstance(var_floor, (int, float)) or not (0 < var_floor < math.inf):
+            raise ValueError(f"var_floor must be a number > 0 and finite (log-densities need a floor), got {var_floor!r}")
         if init != "kmeans++":
             raise ValueError(f"init must be 'kmeans++', got {init!r}")
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+            raise ValueError(f"tol must be a number >= 0 and finite, got {tol!r}")
         if not isinstance(backward, ImplicitBackward) and backward not in BACKWARDS:
             raise ValueError(
                 f"backward must be one of {', '.join(map(repr, BACKWARDS))} or an s2m_ext.ImplicitBackward, got {backward!r}"
@@ -148,7 +155,13 @@ class GMMScorer(SetScorer):
             # any valid one will do, and no random draw is spent.
             zeros = desc.new_zeros(batch, 1, dims)
             return DiagGMM(zeros[:, :, 0], zeros, torch.ones_like(zeros))
-        if generators is not None and not isinstance(generators, torch.Generator) and len(generators) != batch:
+        if generators is None or isinstance(generators, torch.Generator):
+            return "kmeans++"
+        if not isinstance(generators, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generators):
+            raise TypeError(
+                f"generators must be None, a torch.Generator or a list of them (one per set), got {type(generators).__name__}"
+            )
+        if len(generators) != batch:
             raise ValueError(f"generators must hold one torch.Generator per concept set ({batch}), got {len(generators)}")
         return "kmeans++"  # fit_gmm draws from the generator(s) itself, batched
 
