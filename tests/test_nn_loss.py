@@ -183,6 +183,12 @@ def test_range_ends_fill_the_first_and_last_bin(bins):
     want = 0.75 if bins == 2 else 0.5
     got = histogram_loss(torch.tensor([[0.0, 2.0]], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64), bins=bins)
     assert got.item() == pytest.approx(want, abs=1e-12)
+    # Relevant {0, R - 1} (t = 0 and 1), irrelevant R - 3/2, halfway between the last two
+    # centres: h- = 1/2 on each, where cumsum(h+) = 1/2 and 1 (the top relevant score fills
+    # the last bin): L = 3/4 for every R.
+    got = histogram_loss(torch.tensor([[0.0, bins - 1.0]], dtype=torch.float64),
+                         torch.tensor([[bins - 1.5]], dtype=torch.float64), bins=bins)
+    assert got.item() == pytest.approx(0.75, abs=1e-12)
 
 
 @pytest.mark.parametrize("bins", [2, 3, 10])
