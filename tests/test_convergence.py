@@ -105,7 +105,7 @@ def test_stopping_matches_scikit_learn(K, tol):
     assert (int(ours.n_iter[0]), bool(ours.converged[0])) == (2, True), "set 0 starts converged"
     for b in range(B):
         expected_iter, expected_conv, margin = _rule(lls[:, b], tol, T)
-        assert margin > 1e-9
+        assert margin > 1e-9, f"set {b}: a change lies within {margin:.1e} of tol; the comparison would be a coin-flip"
         n_iter, converged = _sklearn(p.x[b], [t[b] for t in p.init], K, p.var_floor, tol, T)
         assert (n_iter, converged) == (int(ours.n_iter[b]), bool(ours.converged[b])), f"set {b}"
         assert (expected_iter, expected_conv) == (n_iter, converged), f"set {b}"
@@ -229,7 +229,7 @@ def test_a_decreasing_log_likelihood_does_not_stop_the_fit(device):
     x = torch.randn(B, N, D, dtype=torch.float64)
     mean = x.mean(1, keepdim=True)
     init = (torch.zeros(B, 1, dtype=torch.float64), mean.clone(), ((x - mean) ** 2).mean(1, keepdim=True))
-    lls = _mean_logliks(Problem(x, torch.ones(B, N, dtype=torch.float64), init, floor), 3)
+    lls = _mean_logliks(Problem(x, torch.ones(B, N, dtype=torch.float64), init, floor), 10)
     assert (lls[1] - lls[0] < -1e3 * tol).all(), "the first step lowers the log-likelihood"
     x, init = x.to(device), [t.to(device) for t in init]
     w = torch.ones(B, N, dtype=torch.float64, device=device)
