@@ -95,6 +95,15 @@ def assert_grads_rel(actual, expected, rtol: float, names) -> None:
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
+def float32_bar(plain_error: float) -> float:
+    """The bar of a float32 step checked against float64: 8 times the error of the same step
+    taken plainly in float32 by the reference (same rules, different summation orders:
+    measured ratios up to ~6.5 for the log-likelihood), and at least 32 float32 ulps (3.8e-6)
+    where the plain step happens to be near exact (e.g. K = 1 log weights). An exp one
+    polynomial term short (relative error 2.9e-5) fails it; a fixed 1e-4 floor would not."""
+    return max(8.0 * plain_error, 32.0 * torch.finfo(torch.float32).eps)
+
+
 FIELDS = ("log_weights", "means", "variances", "loglik")
 
 
@@ -134,7 +143,7 @@ def assert_matches_reference(out, p, device, n_iter, dtype):
     1e-7 into 1e-3 (measured on fresh random problems: a component on the edge of splitting),
     so two float32 runs, ours and the reference's, legitimately drift apart at the end. What
     the op owes is that every step it took is an accurate EM step: state t+1 equals one
-    float64 reference step from the op's own state t to 1e-4, or to twice the error of the
+    float64 reference step from the op's own state t within float32_bar of the error of the
     same step taken plainly in float32 (the same dtype rules: clamps, dead thresholds,
     underflow, where float32 and float64 differ by design)."""
     traj, loglik = out[:3], out[3]
@@ -152,11 +161,11 @@ def assert_matches_reference(out, p, device, n_iter, dtype):
     exact = reference_steps(traj, p, device)
     plain = reference_steps(traj, p, device, dtype)
     for got, pl, want, name in zip(traj, plain, exact, FIELDS):
-        bar = max(RTOL[dtype], 2 * rel_err(pl, want))
+        bar = float32_bar(rel_err(pl, want))
         assert_rel(got[1:], want, bar, f"{name}: one step from the op's previous state")
     final = [s[-1] for s in traj]
     want, pl = reference_loglik(p, device, final), reference_loglik(p, device, final, dtype)
-    assert_rel(loglik, want, max(RTOL[dtype], 2 * rel_err(pl, want)), "loglik of the op's final parameters")
+    assert_rel(loglik, want, float32_bar(rel_err(pl, want)), "loglik of the op's final parameters")
 
 
 #: (B, N, D, K, options) covering the shapes the standards ask for.

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from conftest import DEVICES
-from problems import assert_rel, make_problem
+from problems import Problem, assert_rel, make_problem
 
 import s2m_ext
 from s2m_ext import ConvergenceWarning, DiagGMM, reference
@@ -67,27 +67,49 @@ def _sklearn(x, init, K, var_floor, tol, max_iter):
     return gm.n_iter_, bool(gm.converged_)
 
 
+def _tol_clear_of_rounding(lls, tol, n_iter):
+    """The first of tol, tol (1 + 1e-3), tol (1 + 2e-3), ... from which every |change| the rule
+    compares, in every set, differs by more than 1e-9, so that no decision is a rounding
+    coin-flip (scikit-learn's log-likelihoods agree with ours to ~1e-12 in float64). There
+    are at most B * n_iter changes, each ruling out a 2e-9 wide window: one is found."""
+    for j in range(4 * lls.numel()):
+        candidate = tol * (1 + 1e-3 * j)
+        if all(_rule(lls[:, b], candidate, n_iter)[2] > 1e-9 for b in range(lls.shape[1])):
+            return candidate
+    raise AssertionError("no tolerance clear of the log-likelihood changes")
+
+
+def _converged_start(p, b):
+    """Set b of p started at its own fixed point (500 iterations on): it stops at iteration 2."""
+    fixed = s2m_ext.ops.em_fit(p.x, p.weights, *p.init, 500, p.var_floor, 0.0, False)[:3]
+    for start, end in zip(p.init, fixed):
+        start[b] = end[0, b]
+
+
 @pytest.mark.parametrize("tol", [1e-1, 1e-3, 1e-5])
 @pytest.mark.parametrize("K", [1, 2, 3])
 def test_stopping_matches_scikit_learn(K, tol):
     """Same initial parameters and tol: the same iteration count and flag, set by set. The
-    decisions are compared only where they are not decided by rounding: every |change| must
-    differ from tol by more than 1e-9 (scikit-learn's log-likelihoods agree with ours to
-    ~1e-12 in float64)."""
+    decisions are compared only where they are not decided by rounding: tol is moved by a
+    few 1e-3 relative, if needed, to differ from every |change| by more than 1e-9. Set 0
+    starts at its fixed point, so the sets do not all stop at the same iteration."""
     B, T = 8, 40
     p = make_problem(B, 50, 3, K, scale=0.5)  # clusters of spread ~1.5 around noise 0.5: EM takes a while
     p.weights = torch.ones_like(p.weights)  # scikit-learn has no point weights
+    _converged_start(p, 0)
+    lls = _mean_logliks(p, T)
+    tol = _tol_clear_of_rounding(lls, tol, T)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         ours = _fit(p, T, tol)
-    lls = _mean_logliks(p, T)
+    assert (int(ours.n_iter[0]), bool(ours.converged[0])) == (2, True), "set 0 starts converged"
     for b in range(B):
         expected_iter, expected_conv, margin = _rule(lls[:, b], tol, T)
         assert margin > 1e-9, f"set {b}: a change lies within {margin:.1e} of tol; the comparison would be a coin-flip"
         n_iter, converged = _sklearn(p.x[b], [t[b] for t in p.init], K, p.var_floor, tol, T)
         assert (n_iter, converged) == (int(ours.n_iter[b]), bool(ours.converged[b])), f"set {b}"
         assert (expected_iter, expected_conv) == (n_iter, converged), f"set {b}"
-    if K > 1 and tol == 1e-3:
+    if K > 1 and tol < 1e-2:
         # The sets did not all stop at the same iteration: the stop is per set.
         assert len(set(ours.n_iter.tolist())) > 1
 
@@ -150,7 +172,9 @@ def test_a_stopped_set_keeps_its_parameters_and_costs_no_more_iterations(device)
     iterations (bitwise: no later iteration touched it), its trajectory stays constant after
     t_b, and the unrolled backward through the batch equals per-set backwards through t_b
     iterations only."""
-    p = make_problem(6, 30, 3, 3, scale=0.5).to(torch.float64, device)
+    p = make_problem(6, 30, 3, 3, scale=0.5)
+    _converged_start(p, 0)  # set 0 stops at iteration 2, the others later
+    p = p.to(torch.float64, device)
     T, tol = 40, 1e-4
     x = p.x.clone().requires_grad_()
     lw, mu, var, _, used, _ = s2m_ext.ops.em_fit(x, p.weights, *p.init, T, p.var_floor, tol, True)
@@ -192,3 +216,27 @@ def test_implicit_and_unrolled_fits_are_the_same_fit(device):
         b = _fit(p, 30, 1e-5, backward="implicit")
     for got, want in zip((*b.params(), b.loglik, b.n_iter, b.converged), (*a.params(), a.loglik, a.n_iter, a.converged)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_decreasing_log_likelihood_does_not_stop_the_fit(device):
+    """K = 1 started at the unfloored maximum-likelihood fit, var_floor = 0.5: iteration 1
+    adds the floor to the variances, which lowers the log-likelihood by far more than tol;
+    iteration 2 changes nothing (closed form). The rule compares |change| with tol, so it
+    stops at iteration 3 (|ll_2 - ll_1| = 0 < tol), not at iteration 2 (the change there is
+    negative, below tol but large): the op, the reference and scikit-learn agree."""
+    B, N, D, tol, floor = 3, 30, 2, 1e-6, 0.5
+    x = torch.randn(B, N, D, dtype=torch.float64)
+    mean = x.mean(1, keepdim=True)
+    init = (torch.zeros(B, 1, dtype=torch.float64), mean.clone(), ((x - mean) ** 2).mean(1, keepdim=True))
+    lls = _mean_logliks(Problem(x, torch.ones(B, N, dtype=torch.float64), init, floor), 10)
+    assert (lls[1] - lls[0] < -1e3 * tol).all(), "the first step lowers the log-likelihood"
+    x, init = x.to(device), [t.to(device) for t in init]
+    w = torch.ones(B, N, dtype=torch.float64, device=device)
+    _, _, _, _, used, converged = s2m_ext.ops.em_fit(x, w, *init, 10, floor, tol, False)
+    ref = reference.em_fit(x, w, *init, 10, floor, tol)
+    assert used.tolist() == [3] * B and converged.all()
+    assert torch.equal(ref[4].cpu(), used.cpu()) and torch.equal(ref[5].cpu(), converged.cpu())
+    for b in range(B):
+        assert _rule(lls[:, b], tol, 10)[:2] == (3, True)
+        assert _sklearn(x[b].cpu(), [t[b].cpu() for t in init], 1, floor, tol, 10) == (3, True)

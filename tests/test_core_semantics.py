@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 from conftest import DEVICES, DTYPES, RTOL
-from problems import assert_rel, make_problem
+from problems import assert_grads_rel, assert_rel, make_problem
 
 import s2m_ext
 from s2m_ext import DiagGMM, reference
@@ -230,3 +230,108 @@ def test_em_never_decreases_the_likelihood():
     lls = [_fit(p, t).loglik for t in range(0, 12)]
     for before, after in zip(lls, lls[1:]):
         assert (after >= before - 1e-9 * before.abs()).all()
+
+
+def test_kmeanspp_third_draw_uses_the_nearest_chosen_centre():
+    """K = 3: after points 0 and 10 (forced by the uniforms), the third draw is proportional
+    to w d^2 with d the distance to the nearer of the two: points at 1 and 3 have
+    w d^2 = 2 * 1 and 1 * 9, so P = (0, 2/11, 9/11, 0). (The distance to the first centre
+    alone gives (0, 2, 9, 100) / 111; to the last one alone, (100, 162, 49, 0) / 311.)"""
+    pts = torch.tensor([[0.0], [1.0], [3.0], [10.0]], dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    B = 20000
+    x, weights = pts.expand(B, 4, 1), w.expand(B, 4)
+    u = torch.rand(B, 3, dtype=torch.float64)
+    u[:, 0] = 0.0  # first draw: point 0
+    u[:, 1] = 0.99  # second: cumsum of w d^2 = (0, 2, 11, 111), 0.99 * 111 > 11: point 3
+    idx = s2m_ext.ops.kmeanspp(x, weights, u)
+    assert (idx[:, 0] == 0).all() and (idx[:, 1] == 3).all()
+    freq = torch.bincount(idx[:, 2], minlength=4).double() / B
+    expected = torch.tensor([0.0, 2.0, 9.0, 0.0], dtype=torch.float64) / 11.0
+    # 5 binomial standard deviations
+    assert ((freq - expected).abs() <= 5 * (expected * (1 - expected) / B).sqrt() + 1e-12).all(), freq
+
+
+def _band_problem(dtype, device):
+    """2 sets of 6 points in 2-D near the origin (|x_0| <= 1/2) and 3 components of variance 1:
+    component 0 at the origin, 1 at (10, 0), 2 at (1000, 0). Component 1's responsibilities
+    are exp(-50 + 10 x_0) ~ e^-45..e^-55 of component 0's, so its mass Nk / W lies strictly
+    between tiny and eps in float32 (1.2e-38, 1.2e-7) and float64 (2.2e-308, 2.2e-16): it is
+    dead (keeps its mean and variance) but its log weight log(Nk / W) still comes from the
+    data. Component 2's mass underflows: dead with log weight log(tiny)."""
+    f64 = torch.float64
+    x = torch.rand(2, 6, 2, dtype=f64) - 0.5
+    w = 0.5 + torch.rand(2, 6, dtype=f64)
+    means = torch.zeros(2, 3, 2, dtype=f64)
+    means[:, 1, 0], means[:, 2, 0] = 10.0, 1000.0
+    variances = torch.ones(2, 3, 2, dtype=f64)
+    log_weights = torch.full((2, 3), -math.log(3.0), dtype=f64)
+    return [t.to(dtype=dtype, device=device) for t in (x, w, log_weights, means, variances)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dead_component_between_tiny_and_eps_keeps_a_log_weight_from_the_data(dtype, device):
+    x, w, lw, mu, var = _band_problem(dtype, device)
+    n_iter, floor = 3, 1e-3
+    out = s2m_ext.ops.em_fit(x, w, lw, mu, var, n_iter, floor, 0.0, True)
+    eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
+    for t in range(1, n_iter + 1):
+        assert torch.equal(out[1][t, :, 1:], mu[:, 1:]) and torch.equal(out[2][t, :, 1:], var[:, 1:]), "dead: kept"
+    # The band itself, after the first step: log(tiny) < log(Nk / W) < log(eps). (Later steps
+    # multiply the mass by ~e^-50 again: float32 then underflows to log(tiny), float64 not.)
+    first_lw = out[0][1]
+    assert ((first_lw[:, 1] > math.log(tiny) + 1) & (first_lw[:, 1] < math.log(eps) - 1)).all(), first_lw
+    assert (first_lw[:, 2] == reference.limits(dtype)[3]).all()
+    # Component 1's log weight from its definition, in float64 from the initial state:
+    # log(sum_n w_n r_n1 / W).
+    resp, _ = reference.e_step(x.double(), w.double(), lw.double(), mu.double(), var.double())
+    want = ((w.double() * resp[..., 1]).sum(1) / w.double().sum(1)).log()
+    assert_rel(first_lw[:, 1], want, 1e-6 if dtype == torch.float32 else 1e-13, "log weight in the band")
+    # Every step against the reference in the same dtype's rules, in float64 arithmetic.
+    ref = [x.double(), w.double(), lw.double(), mu.double(), var.double()]
+    for t in range(1, n_iter + 1):
+        ref[2:] = reference.em_fit(*ref[:2], *ref[2:], 1, floor)[:3] if dtype == torch.float64 else _ref_step(ref, floor, dtype)
+        for got, want, name in zip(out[:3], ref[2:], ("log_weights", "means", "variances")):
+            assert_rel(got[t], want, RTOL[dtype], f"{name} after {t} steps")
+
+
+def _ref_step(ref, floor, dtype):
+    """One reference step in float64 arithmetic, under the dead-component rules of ``dtype``."""
+    x, w, lw, mu, var = ref
+    resp, _ = reference.e_step(x, w, lw, mu, var)
+    q = (w.unsqueeze(-1) * resp)
+    nk, total = q.sum(1), w.sum(1, keepdim=True)
+    eps, tiny, _, lw_min = reference.limits(dtype)
+    alive = nk > total * eps
+    safe = torch.where(alive, nk, torch.ones_like(nk)).unsqueeze(-1)
+    new_mu = torch.where(alive.unsqueeze(-1), torch.einsum("bnk,bnd->bkd", q, x) / safe, mu)
+    s2 = torch.einsum("bnk,bnkd->bkd", q, (x.unsqueeze(2) - new_mu.unsqueeze(1)) ** 2)
+    new_var = torch.where(alive.unsqueeze(-1), s2 / safe + floor, var)
+    live = nk > total * tiny
+    new_lw = torch.where(live, torch.where(live, nk, torch.ones_like(nk)).log() - total.log(), torch.full_like(nk, lw_min))
+    return [new_lw, new_mu, new_var]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dead_component_gradients_match_autograd_through_the_reference(device):
+    """float64, the band problem (one component dead in the eps band, one far away): the
+    gradients for x, weights and the initial parameters (those of the dead components pass
+    through to their initial mean and variance) equal autograd through the reference."""
+    inputs = [t.requires_grad_() for t in _band_problem(torch.float64, device)]
+    n_iter, floor = 3, 1e-3
+    out = s2m_ext.ops.em_fit(*inputs, n_iter, floor, 0.0, True)
+    upstream = [torch.randn_like(t[-1]) for t in out[:3]]
+    z = inputs[0].detach()[:, :4] + 0.1
+    names = ("x", "weights", "log_weights0", "means0", "variances0")
+
+    def loss(params):
+        return sum((p * u).sum() for p, u in zip(params, upstream)) + reference.log_prob(z, *params).sum()
+
+    grads = torch.autograd.grad(loss([t[-1] for t in out[:3]]), inputs)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    exact = torch.autograd.grad(loss(reference.em_fit(*leaves, n_iter, floor)[:3]), leaves)
+    assert_grads_rel(grads, exact, RTOL[torch.float64], names)
+    # The pass-through: a dead component's initial mean gets its upstream gradient plus the
+    # query scores' gradient, which is not zero for component 1 (log-densities ~ -50 apart).
+    assert (exact[3][:, 1].abs() > 0).all()

@@ -151,3 +151,59 @@ def test_module_reductions_and_float32():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def loss_from_the_definition(pos, neg, bins: int) -> float:
+    """The histogram loss of one tuple in plain Python floats, written from its definition
+    (independent of the library's tensor code): positions t = (s - lo) / (hi - lo) on the
+    range of the union, centres r / (R - 1), triangular kernel max(0, 1 - |t (R - 1) - r|),
+    normalised histograms, L = sum_r h-_r sum_{r' <= r} h+_r'."""
+    lo, hi = min(pos + neg), max(pos + neg)
+
+    def hist(scores):
+        h = [0.0] * bins
+        for s in scores:
+            t = (s - lo) / (hi - lo)
+            for r in range(bins):
+                h[r] += max(0.0, 1.0 - abs(t * (bins - 1) - r)) / len(scores)
+        return h
+
+    h_pos, h_neg = hist(pos), hist(neg)
+    return sum(h_neg[r] * sum(h_pos[: r + 1]) for r in range(bins))
+
+
+@pytest.mark.parametrize("bins", [2, 3, 10, 100])
+def test_range_ends_fill_the_first_and_last_bin(bins):
+    """The lowest score of a tuple lies on the first centre and the highest on the last, so a
+    relevant score at the top and an irrelevant one at the bottom give exactly 0 (the reverse
+    exactly 1), for any R; a middle irrelevant score at t = 1/2 between them gives the value
+    worked out by hand from the kernel."""
+    pos = torch.tensor([[4.0], [-1.0]], dtype=torch.float64)
+    neg = torch.tensor([[-1.0], [4.0]], dtype=torch.float64)
+    assert histogram_loss(pos, neg, bins=bins, reduction="none").tolist() == [0.0, 1.0]
+    # relevant {lo, hi}: h+ = (1/2 at the first centre, 1/2 at the last); irrelevant at t = 1/2.
+    # Odd R: on the middle centre (R - 1)/2, where cumsum(h+) = 1/2: L = 1/2. Even R: split
+    # 1/2, 1/2 between the two centres around it, where cumsum(h+) = 1/2 too (R >= 4), or
+    # 1/2 and 1 (R = 2: the second centre is the last): L = 3/4.
+    want = 0.75 if bins == 2 else 0.5
+    got = histogram_loss(torch.tensor([[0.0, 2.0]], dtype=torch.float64), torch.tensor([[1.0]], dtype=torch.float64), bins=bins)
+    assert got.item() == pytest.approx(want, abs=1e-12)
+    # Relevant {0, R - 1} (t = 0 and 1), irrelevant R - 3/2, halfway between the last two
+    # centres: h- = 1/2 on each, where cumsum(h+) = 1/2 and 1 (the top relevant score fills
+    # the last bin): L = 3/4 for every R.
+    got = histogram_loss(torch.tensor([[0.0, bins - 1.0]], dtype=torch.float64),
+                         torch.tensor([[bins - 1.5]], dtype=torch.float64), bins=bins)
+    assert got.item() == pytest.approx(0.75, abs=1e-12)
+
+
+@pytest.mark.parametrize("bins", [2, 3, 10])
+def test_matches_the_definition_computed_independently(bins):
+    """Against the loss computed from its definition in plain Python: exact to rounding, for
+    few bins too, where the two-bin-widths bound of the brute-force comparison allows any
+    value (at R = 2 every pair is closer than two bin widths)."""
+    g = torch.Generator().manual_seed(bins)
+    pos = torch.randn(4, 5, generator=g, dtype=torch.float64) + 0.5
+    neg = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    got = histogram_loss(pos, neg, bins=bins, reduction="none")
+    for b in range(4):
+        assert got[b].item() == pytest.approx(loss_from_the_definition(pos[b].tolist(), neg[b].tolist(), bins), abs=1e-12)
