@@ -6,6 +6,7 @@ Python-only mutations are listed first so the extension is rebuilt only for the 
 """
 
 CORE = ["tests/test_core_em.py", "tests/test_core_semantics.py"]
+INIT = CORE + ["tests/test_core_ops.py", "tests/test_initial_model.py"]
 SEMANTICS = ["tests/test_core_semantics.py"]
 
 MUTATIONS = [
@@ -51,19 +52,19 @@ MUTATIONS = [
     dict(id="nn-scorer-min", file="s2m_ext/nn/scorers.py",
          old="        return sims.amax(1)", new="        return sims.amin(1)",
          why="NN scorer takes the least similar concept item",
-         tests=["tests/test_nn_model.py", "tests/test_eval.py"]),
+         tests=["tests/test_nn_model.py", "tests/test_nn_scorer_masks.py", "tests/test_eval.py"]),
     dict(id="nn-scorer-mask-ignored", file="s2m_ext/nn/scorers.py",
          old="            sims = sims.masked_fill(~mask.unsqueeze(-1), float(\"-inf\"))", new="            pass",
          why="padded concept items take part in the maximum",
-         tests=["tests/test_nn_model.py"]),
+         tests=["tests/test_nn_model.py", "tests/test_nn_scorer_masks.py"]),
     dict(id="avg-scorer-mask-weights", file="s2m_ext/nn/scorers.py",
          old="return (w * desc).sum(1) / w.sum(1).clamp_min(1.0)", new="return desc.sum(1) / w.sum(1).clamp_min(1.0)",
          why="AVG with a mask sums the padded descriptors too",
-         tests=["tests/test_nn_model.py"]),
+         tests=["tests/test_nn_model.py", "tests/test_nn_scorer_masks.py"]),
     dict(id="avg-scorer-clamp", file="s2m_ext/nn/scorers.py",
          old="return (w * desc).sum(1) / w.sum(1).clamp_min(1.0)", new="return (w * desc).sum(1) / w.sum(1)",
-         why="no guard against an empty row (candidate equivalent: validation rejects empty rows)",
-         tests=["tests/test_nn_model.py"]),
+         why="no guard against an all-padding concept set: 0/0",
+         tests=["tests/test_nn_model.py", "tests/test_nn_scorer_masks.py"]),
     dict(id="model-no-normalize", file="s2m_ext/nn/model.py",
          old="return F.normalize(desc, dim=-1).reshape(*lead, desc.shape[-1])", new="return desc.reshape(*lead, desc.shape[-1])",
          why="descriptors not L2-normalised",
@@ -72,15 +73,15 @@ MUTATIONS = [
     dict(id="gmm-init-variance-no-floor", file="s2m_ext/gmm.py",
          old="variances = (spread + var_floor).clamp_min(", new="variances = (spread).clamp_min(",
          why="k-means++ initial variances without var_floor",
-         tests=CORE + ["tests/test_core_ops.py"]),
+         tests=INIT),
     dict(id="gmm-init-uniform-centre", file="s2m_ext/gmm.py",
          old="centre = (w * x.detach()).sum(1) / total", new="centre = x.detach().mean(1)",
          why="initial spread centred at the unweighted mean (weights ignored)",
-         tests=CORE + ["tests/test_core_ops.py"]),
+         tests=INIT),
     dict(id="gmm-init-log-weights", file="s2m_ext/gmm.py",
          old="torch.full((batch, k), -math.log(k),", new="torch.full((batch, k), -math.log(k + 1),",
          why="initial log weights not normalised",
-         tests=CORE + ["tests/test_core_ops.py"]),
+         tests=INIT),
     # ----------------------------------------------------------------- s2m_ext/implicit.py
     dict(id="implicit-tol-strict", file="s2m_ext/implicit.py",
          old="        ok = res <= self.tol\n", new="        ok = res <= 10 * self.tol\n",
