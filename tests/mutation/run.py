@@ -2,7 +2,7 @@
 rebuild the extension when a csrc file changed, run the mutation's test files and report
 whether the suite kills it (a test fails) or lets it survive.
 
-    python tests/mutation/run.py [--only ID,ID] [--out DIR] [--timeout S] [--keep]
+    python tests/mutation/run.py [--only ID,ID [--order]] [--tag NAME] [--out DIR] [--timeout S] [--keep]
 
 The copy is a detached ``git worktree`` of HEAD in a temporary folder (the working tree is
 never edited); it is built once, CPU only, and each csrc mutation is rebuilt in place
@@ -87,11 +87,34 @@ def run_tests(tree: Path, files: List[str], env: Dict[str, str], timeout: float)
             "failed": failed, "seconds": seconds}
 
 
+def write_report(results: List[dict], out: Path, tag: str) -> str:
+    """Write ``mutation-<date>[-tag].json`` and ``.md`` under ``out``; returns the table."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d") + (f"-{tag}" if tag else "")
+    out.mkdir(parents=True, exist_ok=True)
+    killed = sum(r["status"] == "killed" for r in results)
+    survived = [r["id"] for r in results if r["status"] == "survived"]
+    report = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+              "killed": killed, "survived": survived, "errors": [r["id"] for r in results if r["status"] == "error"],
+              "results": results}
+    (out / f"mutation-{stamp}.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = [f"Mutation run of {commit[:12]} ({report['date']}): {killed} killed, {len(survived)} survived, "
+             f"{len(report['errors'])} errors, of {len(results)}.", "",
+             "| status | id | file | failing tests (first) | why |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['status']} | {r['id']} | {r['file']} | {', '.join(r['failed'][:2]) or r['how']} | {r['why']} |")
+    table = "\n".join(lines) + "\n"
+    (out / f"mutation-{stamp}.md").write_text(table)
+    return table
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", help="comma-separated mutation ids (default: all)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "mutation"), help="report folder")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation's test run")
+    p.add_argument("--tag", default="", help="suffix of the report's file names")
+    p.add_argument("--order", action="store_true", help="run in the listed order (default: Python mutations first)")
     p.add_argument("--keep", action="store_true", help="keep the temporary worktree")
     args = p.parse_args(argv)
 
@@ -101,9 +124,10 @@ def main(argv=None) -> int:
         unknown = set(wanted) - {m["id"] for m in mutations}
         if unknown:
             raise SystemExit(f"unknown mutation ids: {sorted(unknown)}")
-        mutations = [m for m in mutations if m["id"] in wanted]
+        mutations = [next(m for m in mutations if m["id"] == i) for i in wanted]
     # Python mutations first: the extension is then rebuilt only between csrc ones.
-    mutations.sort(key=lambda m: m["file"].startswith("csrc/"))
+    if not args.order:
+        mutations.sort(key=lambda m: m["file"].startswith("csrc/"))
 
     tmp = Path(tempfile.mkdtemp(prefix="s2m-mutation-"))
     tree = tmp / "tree"
@@ -139,29 +163,13 @@ def main(argv=None) -> int:
             results.append(row)
             print(f"{row['status']:9s} {row['id']:32s} {row['seconds']:7.1f}s  {' '.join(row['failed'])[:100]}",
                   flush=True)
+            write_report(results, Path(args.out), args.tag)
     finally:
         if not args.keep:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
             shutil.rmtree(tmp, ignore_errors=True)
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    killed = sum(r["status"] == "killed" for r in results)
-    survived = [r["id"] for r in results if r["status"] == "survived"]
-    report = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
-              "killed": killed, "survived": survived, "errors": [r["id"] for r in results if r["status"] == "error"],
-              "results": results}
-    (out / f"mutation-{stamp}.json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = [f"Mutation run of {commit[:12]} ({report['date']}): {killed} killed, {len(survived)} survived, "
-             f"{len(report['errors'])} errors, of {len(results)}.", "",
-             "| status | id | file | failing tests (first) | why |", "|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['status']} | {r['id']} | {r['file']} | {', '.join(r['failed'][:2]) or r['how']} | {r['why']} |")
-    table = "\n".join(lines) + "\n"
-    (out / f"mutation-{stamp}.md").write_text(table)
-    print(table)
+    print(write_report(results, Path(args.out), args.tag))
     return 0
 
 
