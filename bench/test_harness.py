@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 import torch
@@ -18,31 +17,77 @@ from .worker import WorkerError, Workers, calibrate
 from .workloads import NAMED_SHAPES, SWEEP_FIELDS, SWEEPS_QUICK, Shape, flops, make_problem, plan
 
 
-def test_side_by_side_interleaves_and_measures_ratio() -> None:
+class FakeClock:
+    """Stands in for the ``time`` module of bench.timing: the wall clock moves only when a fake
+    call sleeps or computes, the CPU clock only when it computes."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def perf_counter(self) -> float:
+        return self.wall
+
+    def process_time(self) -> float:
+        return self.cpu
+
+    def sleep(self, seconds: float) -> None:
+        self.wall += seconds
+
+    def compute(self, seconds: float) -> None:
+        self.wall += seconds
+        self.cpu += seconds
+
+
+def test_local_sampler_reports_per_call_wall_and_cpu_time(monkeypatch) -> None:
+    import bench.timing as timing
+
+    clock = FakeClock()
+    monkeypatch.setattr(timing, "time", clock)
+
+    def call() -> None:
+        clock.sleep(0.02)
+        clock.compute(0.01)
+
+    wall, cpu, _ = local_sampler(call, "cpu")(5)
+    # Per call, not per sample; waiting counts in the wall-clock column only.
+    assert wall == pytest.approx(0.03) and cpu == pytest.approx(0.01)
+
+
+def test_side_by_side_interleaves_rotates_and_sizes_samples() -> None:
     order = []
 
-    def sleeper(name: str, seconds: float):
-        def call():
-            order.append(name)
-            time.sleep(seconds)
-        return call
+    def fake(name: str, seconds: float):
+        def sample(number: int):
+            order.append((name, number))
+            return seconds, seconds / 2, 0.0
+        return sample
 
-    samplers = {"fast": local_sampler(sleeper("fast", 0.01), "cpu"), "slow": local_sampler(sleeper("slow", 0.03), "cpu")}
-    budget = Budget(seconds=0.0, min_repeats=4, max_repeats=4, min_sample_s=0.0)
+    samplers = {"fast": fake("fast", 0.01), "slow": fake("slow", 0.03)}
+    # Each sample must last >= 0.1 s: 10 calls of the fast one, 4 of the slow one; the budget
+    # of 1.2 s buys 1.2 / (0.01 * 10) = 12 fast samples, capped at 6, and 1.2 / (0.03 * 4) = 10
+    # slow ones, capped at 6; at least 2 each.
+    budget = Budget(seconds=1.2, min_repeats=2, max_repeats=6, min_sample_s=0.1)
     timings = side_by_side(samplers, {"fast": 0.01, "slow": 0.03}, budget)
-    assert [len(t.samples) for t in timings.values()] == [4, 4]
-    # Interleaved: each round times both contenders, never four of one in a row.
-    assert all(set(order[i:i + 2]) == {"fast", "slow"} for i in range(0, len(order), 2))
-    ratio = timings["slow"].median / timings["fast"].median
-    assert 2.0 < ratio < 3.3  # 3 for exact sleeps; oversleeping by a few ms only lowers it
-    # Sleeping costs no CPU time: the CPU-time column must not count waiting.
-    assert all(c < 0.005 for t in timings.values() for c in t.cpu_samples)
+    assert timings["fast"].number == 10 and timings["slow"].number == 4
+    assert [len(t.samples) for t in timings.values()] == [6, 6]
+    assert all(n == timings[name].number for name, n in order)
+    # Interleaved, in a rotating order: each round times both contenders once, and the
+    # contender that goes first alternates.
+    names = [name for name, _ in order]
+    assert names == ["fast", "slow", "slow", "fast"] * 3
+    assert timings["slow"].median / timings["fast"].median == pytest.approx(3.0)
+    assert timings["fast"].cpu_median == pytest.approx(0.005)
+    # Few repeats where the budget is short: the minimum holds.
+    order.clear()
+    short = side_by_side(samplers, {"fast": 0.01, "slow": 0.03}, Budget(seconds=0.0, min_repeats=2, max_repeats=6, min_sample_s=0.0))
+    assert [(len(t.samples), t.number) for t in short.values()] == [(2, 1), (2, 1)]
 
 
 def test_memory_method_measures_a_known_allocation() -> None:
     result = calibrate(64)
-    # torch.ones(64 MiB) touches every page once; the method's own bookkeeping adds < 4 MiB.
-    assert 64 * 2**20 <= result["peak_bytes"] <= 68 * 2**20, result
+    # torch.ones(64 MiB) touches every page once, so the peak cannot be below it (the upper
+    # side depends on the allocator and the machine: measured in the benchmark, not here).
+    assert result["peak_bytes"] >= 64 * 2**20 and result["expected_bytes"] == 64 * 2**20, result
 
 
 def test_workers_time_and_measure_contenders_in_their_own_processes() -> None:
@@ -61,8 +106,9 @@ def test_workers_time_and_measure_contenders_in_their_own_processes() -> None:
             assert workers[name].proc.pid != os.getpid()
         assert workers["s2m_ext"].proc.pid != workers["reference"].proc.pid
     assert validity(CONTENDERS["reference"], outputs["s2m_ext"], outputs["reference"])[0]
-    # reference: ~11 iterations x 3 saved (B,N,K,D) float32 tensors = ~69 MB; s2m_ext: < 5 MB
-    assert peaks["reference"] > 30e6 and peaks["reference"] > 5 * peaks["s2m_ext"], peaks
+    # reference: 11 iterations x 3 saved (B,N,K,D) float32 tensors = 69 MB must be resident at
+    # its peak (a lower bound from the allocations; the comparison is the benchmark's job).
+    assert peaks["reference"] > 30e6 and peaks["s2m_ext"] > 0, peaks
 
 
 def test_worker_reports_errors_and_survives() -> None:

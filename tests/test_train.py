@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from dataclasses import replace
 
 import pytest
@@ -107,18 +106,17 @@ def test_resume_refuses_changed_training_settings(tmp_path):
         train(replace(cfg, resume=str(tmp_path / "nothing.pt")), explicit=["resume"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    # The rendezvous store is the test's own (see below): every rank is a client of it, so no
+    # rank's exit takes the store away while another rank is still tearing its group down.
+    store = torch.distributed.TCPStore("127.0.0.1", port, world, is_master=False)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    train(cfg)
-    torch.distributed.destroy_process_group()
+    try:
+        train(cfg)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("scorer", ["gmm2"])
@@ -127,8 +125,12 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path, scorer):
     # stays at the 1e-16 level; 4 steps of Adam keep it far below the tolerance.
     common = dict(scorer=scorer, steps=4, tuples=4, dtype="float64", checkpoint_every=4)
     single = train(tiny(tmp_path, "one", **common))
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), tiny(tmp_path, "two", **common)), nprocs=2,
+    # The store binds port 0 itself and keeps it until the workers are done: no free port is
+    # looked up, released and bound again later (another process could take it in between).
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)
+    mp.start_processes(_ddp_worker, args=(2, store.port, tiny(tmp_path, "two", **common)), nprocs=2,
                        start_method="spawn", join=True)
+    del store
     one = load_checkpoint(tmp_path / "one" / "last.pt")
     two = load_checkpoint(tmp_path / "two" / "last.pt")
     assert two["world_size"] == 2 and one["world_size"] == 1 and two["step"] == 4
@@ -161,7 +163,9 @@ def test_torchrun_command_line_matches_one_process(tmp_path):
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
     repo = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+    # The c10d rendezvous on port 0: torchrun's agent binds a port itself and holds it for the run.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
            "-m", "s2m_ext.train", *args, "--out", str(tmp_path / "two")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
