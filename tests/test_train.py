@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import s2m_ext
 from s2m_ext import ImplicitBackward
 from s2m_ext.data import EpisodeSampler, make_glyphs
 from s2m_ext.nn import HistogramLoss, build_model
@@ -156,18 +157,19 @@ def test_torchrun_command_line_matches_one_process(tmp_path):
     # The documented entry point: torchrun --nproc_per_node=2 -m s2m_ext.train ... (gloo on CPU).
     import subprocess
     import sys
-    from pathlib import Path
 
     args = ["--train-classes", "24", "--val-classes", "6", "--tuples", "4", "--width", "8", "--depth", "2",
             "--dim", "8", "--steps", "3", "--dtype", "float64", "--scorer", "gauss", "--threads", "1", "--no-progress"]
     assert main(args + ["--out", str(tmp_path / "one")]) == 0
-    repo = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    # The workers import the s2m_ext this process imported (installed or built in place), from
+    # a folder outside the source tree (python -m puts the working directory first).
+    package_parent = os.path.dirname(s2m_ext.__path__[0])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")]))
     # The c10d rendezvous on port 0: torchrun's agent binds a port itself and holds it for the run.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
            "-m", "s2m_ext.train", *args, "--out", str(tmp_path / "two")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     one = load_checkpoint(tmp_path / "one" / "last.pt")
     two = load_checkpoint(tmp_path / "two" / "last.pt")
