@@ -206,3 +206,88 @@ def test_two_process_gloo_equals_one_process(gen, tmp_path):
         values, indices = torch.load(tmp_path / f"out.{rank}")
         assert torch.equal(indices, want[1]), rank
         torch.testing.assert_close(values, want[0], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- programs
+def _omniglot_zip():
+    from s2m_ext.data.omniglot import SHARED_ZIP, default_omniglot_root
+
+    root = default_omniglot_root()
+    path = None if root is None else (root / SHARED_ZIP if root.is_dir() else root)
+    if path is None or not path.exists():
+        pytest.skip("needs the shared Omniglot zip")
+    return path
+
+
+def _run(module, *args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_index_and_search_programs_end_to_end(tmp_path):
+    import json
+    import zipfile
+    from pathlib import PurePosixPath
+
+    from PIL import Image
+
+    from s2m_ext.train import train
+    from test_train import tiny
+
+    # A collection of 3 characters x 6 drawings from the shared zip, and a concept folder
+    # holding 3 other drawings of the first character.
+    collection, concept = tmp_path / "collection", tmp_path / "concept"
+    with zipfile.ZipFile(_omniglot_zip()) as zf:
+        by_char = {}
+        for name in sorted(zf.namelist()):
+            parts = PurePosixPath(name).parts
+            if name.endswith(".png") and len(parts) >= 3:
+                by_char.setdefault("/".join(parts[-3:-1]), []).append(name)
+        chars = sorted(by_char)[:3]
+        for c in chars:
+            for j, name in enumerate(by_char[c][: 9 if c == chars[0] else 6]):
+                dest = (concept if (c == chars[0] and j >= 6) else collection / c) / PurePosixPath(name).name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(zf.read(name))
+    train(tiny(tmp_path, "run", scorer="gauss"))
+    ckpt = tmp_path / "run" / "last.pt"
+    index = tmp_path / "index"
+    r = _run("s2m_ext.index", "--checkpoint", ckpt, "--images", collection, "--out", index, "--shard-size", 7, "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["count"] == 18 and len(manifest["shards"]) == 3 and sorted(set(manifest["labels"])) == chars
+    assert sum(np.load(index / s).shape[0] for s in manifest["shards"]) == 18
+
+    out = tmp_path / "res" / "ranked.json"
+    r = _run("s2m_ext.search_cli", "--index", index, "--concept", chars[1], "--concept", concept,
+             "--k", 5, "--out", out, "--sheet", 4, "--thumb", 20)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())
+    assert [c["concept"] for c in got["concepts"]] == [chars[1], str(concept)]
+    # The ranking is topk_pool of the fitted models over the descriptors the index holds.
+    from s2m_ext.index import load_model
+
+    model = load_model(ckpt)
+    desc = torch.from_numpy(np.concatenate([np.load(index / s) for s in manifest["shards"]]))
+    labels = np.asarray(manifest["labels"])
+    ex = desc[torch.from_numpy(labels == chars[1])].unsqueeze(0)
+    with torch.no_grad():
+        gmm = model.fit(ex, torch.ones(ex.shape[:2], dtype=torch.bool), torch.Generator().manual_seed(0))
+        full = gmm.log_prob_pool(desc)[0]
+    first = got["concepts"][0]["results"]
+    assert [e["rank"] for e in first] == [1, 2, 3, 4, 5]
+    assert [e["index"] for e in first] == full.topk(5).indices.tolist()
+    torch.testing.assert_close(torch.tensor([e["score"] for e in first]), full.topk(5).values, rtol=1e-4, atol=1e-4)
+    assert all(e["name"] == manifest["names"][e["index"]] and e["label"] == labels[e["index"]] for e in first)
+    with Image.open(out.with_suffix(".png")) as sheet:
+        assert sheet.size == (4 * 22 + 2, 2 * 22 + 2)
+
+    # Bad flags are usage errors (exit status 2, the message names the flag).
+    for args, flag in [(["--k", 0], "--k"), (["--concept", "no such label"], "--concept"), (["--sheet", -1], "--sheet")]:
+        base = ["--index", index, "--out", out] + (["--concept", chars[0]] if "--concept" not in args else [])
+        r = _run("s2m_ext.search_cli", *base, *args)
+        assert r.returncode == 2 and flag in r.stderr, r.stderr
+    r = _run("s2m_ext.index", "--checkpoint", ckpt, "--images", tmp_path / "missing", "--out", index)
+    assert r.returncode == 2 and "--images" in r.stderr, r.stderr
