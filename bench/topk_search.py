@@ -80,15 +80,15 @@ def run_contender(name: str, args: Dict, conn) -> None:
     B, K, M, D, k = args["B"], args["K"], args["M"], args["D"], args["k"]
     gmm, z = problem(B, K, M, D)
     if name == "topk_pool":
-        call = lambda: gmm.topk_pool(z, k)  # noqa: E731
+        call = lambda: gmm.topk_pool(z, k)
     elif name == "dense":
-        call = lambda: gmm.log_prob_pool(z).topk(k, dim=1)  # noqa: E731
+        call = lambda: gmm.log_prob_pool(z).topk(k, dim=1)
     elif name == "faiss":
-        call = lambda: faiss_topk(gmm, z, k)  # noqa: E731
+        call = lambda: faiss_topk(gmm, z, k)
     elif name == "topk_memmap":
         pool = np.load(args["memmap"], mmap_mode="r")
         del z
-        call = lambda: gmm.topk_pool(pool, k)  # noqa: E731
+        call = lambda: gmm.topk_pool(pool, k)
     else:
         raise ValueError(name)
     with torch.no_grad():

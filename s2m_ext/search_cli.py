@@ -12,15 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 import torch
 
 from .index import MANIFEST, embed, load_model, read_collection
 
-__all__ = ["main", "contact_sheet"]
+__all__ = ["contact_sheet", "main"]
 
 
 def contact_sheet(rows: List[List[np.ndarray]], thumb: int, pad: int = 2):

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import DEVICES, DTYPES, RTOL
+
 from s2m_ext import DiagGMM
 from s2m_ext.search import merge_topk, topk_pool
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -232,9 +231,9 @@ def test_index_and_search_programs_end_to_end(tmp_path):
     from pathlib import PurePosixPath
 
     from PIL import Image
+    from test_train import tiny
 
     from s2m_ext.train import train
-    from test_train import tiny
 
     # A collection of 3 characters x 6 drawings from the shared zip, and a concept folder
     # holding 3 other drawings of the first character.
