@@ -138,8 +138,18 @@ def test_memmap_shards_and_folder_equal_in_memory(gen, tmp_path, dtype):
             torch.testing.assert_close(got[0], want[0], rtol=RTOL[dtype], atol=RTOL[dtype], msg=name)
 
 
-def test_read_ahead_error_reaches_the_caller(gen, tmp_path):
+class _FailingShard(np.ndarray):
+    """An array whose reads fail, like a shard on a disk that errors."""
+
+    def __getitem__(self, index):
+        raise OSError("read error")
+
+
+def test_read_ahead_error_reaches_the_caller(gen):
     gmm = random_gmm(gen, 2, 1, 3, torch.float64, "cpu")
+    failing = np.ones((5, 3)).view(_FailingShard)
+    with pytest.raises(OSError, match="read error"), torch.no_grad():
+        topk_pool(gmm, [np.ones((4, 3)), failing], 2, chunk_size=2, read_ahead=True)
     bad = np.ones((5, 3))
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="finite"), torch.no_grad():
