@@ -135,6 +135,14 @@ class DiagGMM:
         self._check_points(z, "z", 2, "(M, D)")
         return ops.score_pool(z, *self.params())
 
+    def topk_pool(self, pool, k: int, chunk_size: Optional[int] = None, **kwargs) -> Tuple[Tensor, Tensor]:
+        """The k best items of a pool under every mixture -> (values, indices), each (B, min(k, M)),
+        descending, ties by the lower index; the pool is streamed in chunks, no gradient.
+        See :func:`s2m_ext.search.topk_pool` for the pool kinds and options."""
+        from .search import topk_pool
+
+        return topk_pool(self, pool, k, chunk_size=chunk_size, **kwargs)
+
     def to_distribution(self) -> torch.distributions.MixtureSameFamily:
         """The same mixtures as a ``torch.distributions.MixtureSameFamily`` with batch shape
         (B,) and event shape (D,): its ``log_prob(z)`` takes z of shape (..., B, D)."""

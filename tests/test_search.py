@@ -1,0 +1,302 @@
+"""Streamed top-k retrieval (s2m_ext.search) against the dense pool scores."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import DEVICES, DTYPES, RTOL
+
+from s2m_ext import DiagGMM
+from s2m_ext.search import merge_topk, topk_pool
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def gen(_seed):
+    """A generator seeded from the per-test seed."""
+    return torch.Generator().manual_seed(torch.initial_seed())
+
+
+def random_gmm(gen, B, K, D, dtype, device):
+    lw = torch.log_softmax(torch.randn(B, K, generator=gen, dtype=torch.float64), 1)
+    means = torch.randn(B, K, D, generator=gen, dtype=torch.float64)
+    var = torch.rand(B, K, D, generator=gen, dtype=torch.float64) + 0.2
+    return DiagGMM(lw.to(dtype), means.to(dtype), var.to(dtype)).to(device)
+
+
+def dense_reference(gmm, z, k):
+    """torch.topk of the dense scores, ties ordered by index (a stable descending sort)."""
+    full = gmm.log_prob_pool(z)
+    values, indices = full.sort(dim=1, descending=True, stable=True)
+    return full, values[:, :k], indices[:, :k]
+
+
+def assert_topk(gmm, z, got, k, exact_indices):
+    """``got`` is the top-k of log_prob_pool(z): the same sorted values to the dtype's
+    rounding, and each returned index scores its returned value. In float64 (rounding ~1e-15,
+    far below the gaps of random scores) the indices must be those of the reference."""
+    values, indices = got
+    full, want_v, want_i = dense_reference(gmm, z, k)
+    kk = min(k, z.shape[0])
+    assert values.shape == indices.shape == (gmm.batch_size, kk)
+    assert indices.dtype == torch.long
+    rtol = RTOL[z.dtype]
+    torch.testing.assert_close(values, want_v, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(full.gather(1, indices), values, rtol=rtol, atol=rtol)
+    assert all(len(set(row.tolist())) == kk for row in indices), "an index repeats in a row"
+    assert bool((values[:, 1:] <= values[:, :-1]).all()), "values not descending"
+    if exact_indices:
+        assert torch.equal(indices, want_i)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+def test_topk_equals_dense_topk(gen, device, dtype, K):
+    for B, D, M, k, chunk in [(5, 3, 101, 7, 10), (3, 8, 64, 64, 9), (4, 2, 30, 50, 7), (2, 5, 257, 1, 256), (1, 4, 13, 5, 1)]:
+        gmm = random_gmm(gen, B, K, D, dtype, device)
+        z = torch.randn(M, D, generator=gen, dtype=torch.float64).to(dtype).to(device)
+        with torch.no_grad():
+            got = gmm.topk_pool(z, k, chunk_size=chunk)
+        assert_topk(gmm, z, got, k, exact_indices=dtype == torch.float64)
+        with torch.no_grad():
+            default = gmm.topk_pool(z, k)  # one chunk
+        assert_topk(gmm, z, default, k, exact_indices=dtype == torch.float64)
+
+
+def tied_problem(gen, K, dtype):
+    """Integer items and means, power-of-two variances: every score of a repeated item is
+    computed exactly, so repeats tie bit for bit whatever the chunk they fall in."""
+    B, D = 4, 3
+    means = torch.randint(-2, 3, (B, K, D), generator=gen).to(dtype)
+    var = 2.0 ** torch.randint(-1, 2, (B, K, D), generator=gen).to(dtype)
+    gmm = DiagGMM(torch.full((B, K), -math.log(K), dtype=dtype), means, var)
+    base = torch.randint(-2, 3, (9, D), generator=gen).to(dtype)
+    z = torch.cat([base, base.flip(0), base, base[:4]]).contiguous()
+    return gmm, z
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [1, 2])
+def test_ties_are_broken_by_the_lower_index(gen, dtype, K):
+    gmm, z = tied_problem(gen, K, dtype)
+    full, want_v, want_i = dense_reference(gmm, z, z.shape[0])
+    assert (full.unsqueeze(2) == full.unsqueeze(1)).sum() > full.numel(), "the problem has no ties"
+    for k in (1, 5, 9, 10, 17, z.shape[0]):
+        for chunk in (1, 4, 7, 100):
+            with torch.no_grad():
+                values, indices = gmm.topk_pool(z, k, chunk_size=chunk)
+            assert torch.equal(values, want_v[:, :k]), (k, chunk)
+            assert torch.equal(indices, want_i[:, :k]), (k, chunk)
+
+
+def test_merge_topk_orders_ties_by_index():
+    values = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 3.0]])
+    indices = torch.tensor([[9, 8, 1, 4, 5, 2]])
+    v, i = merge_topk(values, indices, 3)
+    assert v.tolist() == [[3.0, 3.0, 3.0]] and i.tolist() == [[1, 2, 5]]
+    v, i = merge_topk(values, indices, 10)
+    assert i.tolist() == [[1, 2, 5, 8, 4, 9]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_memmap_shards_and_folder_equal_in_memory(gen, tmp_path, dtype):
+    B, K, D, M, k = 6, 3, 5, 211, 12
+    gmm = random_gmm(gen, B, K, D, dtype, "cpu")
+    z = torch.randn(M, D, generator=gen, dtype=torch.float64).to(dtype)
+    with torch.no_grad():
+        want = gmm.topk_pool(z, k, chunk_size=16)
+    assert_topk(gmm, z, want, k, exact_indices=dtype == torch.float64)
+    arr = z.numpy()
+    mm = np.lib.format.open_memmap(tmp_path / "pool.npy", mode="w+", dtype=arr.dtype, shape=arr.shape)
+    mm[:] = arr
+    mm.flush()
+    cuts = [0, 0, 40, 40, 97, 150, 211]  # empty shards at the front and in the middle
+    shards = [arr[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for j, s in enumerate(shards):
+        np.save(folder / f"part-{j:03d}.npy", s)
+    pools = {
+        "memmap": np.load(tmp_path / "pool.npy", mmap_mode="r"),
+        "numpy shards": shards,
+        "tensor shards": [torch.from_numpy(s) for s in shards],
+        "folder": folder,
+        "folder as str": str(folder),
+    }
+    for name, pool in pools.items():
+        for read_ahead in (True, False):
+            with torch.no_grad():
+                got = gmm.topk_pool(pool, k, chunk_size=16, read_ahead=read_ahead)
+            # Chunks follow shard boundaries, so the rounding may differ from the in-memory run.
+            assert_topk(gmm, z, got, k, exact_indices=dtype == torch.float64)
+            torch.testing.assert_close(got[0], want[0], rtol=RTOL[dtype], atol=RTOL[dtype], msg=name)
+
+
+class _FailingShard(np.ndarray):
+    """An array whose reads fail, like a shard on a disk that errors."""
+
+    def __getitem__(self, index):
+        raise OSError("read error")
+
+
+def test_read_ahead_error_reaches_the_caller(gen):
+    gmm = random_gmm(gen, 2, 1, 3, torch.float64, "cpu")
+    failing = np.ones((5, 3)).view(_FailingShard)
+    with pytest.raises(OSError, match="read error"), torch.no_grad():
+        topk_pool(gmm, [np.ones((4, 3)), failing], 2, chunk_size=2, read_ahead=True)
+    bad = np.ones((5, 3))
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="finite"), torch.no_grad():
+        topk_pool(gmm, [np.ones((4, 3)), bad], 2, chunk_size=2)
+
+
+def test_bad_inputs(gen, tmp_path):
+    gmm = random_gmm(gen, 2, 2, 3, torch.float64, "cpu")
+    z = torch.randn(10, 3, dtype=torch.float64)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="k"):
+            gmm.topk_pool(z, 0)
+        with pytest.raises(ValueError, match="chunk_size"):
+            gmm.topk_pool(z, 2, chunk_size=0)
+        with pytest.raises(TypeError, match="dtype"):
+            gmm.topk_pool(z.float(), 2)
+        with pytest.raises(TypeError, match="dtype"):
+            gmm.topk_pool(np.ones((4, 3), dtype=np.int64), 2)
+        with pytest.raises(ValueError, match="D = 3"):
+            gmm.topk_pool([z, torch.zeros(4, 2, dtype=torch.float64)], 2)
+        with pytest.raises(ValueError, match="folder"):
+            gmm.topk_pool(tmp_path / "missing", 2)
+        with pytest.raises(ValueError, match="no .npy"):
+            gmm.topk_pool(tmp_path, 2)
+        with pytest.raises(TypeError, match="pool"):
+            gmm.topk_pool([z, [1, 2, 3]], 2)
+        with pytest.raises(ValueError, match="distributed"):
+            gmm.topk_pool(z, 2, distributed=True)
+    with pytest.raises(ValueError, match="no gradient"):
+        gmm.topk_pool(z.requires_grad_(), 2)
+    lw, mu, var = (t.clone().requires_grad_() for t in gmm.params())
+    with pytest.raises(ValueError, match="no gradient"):
+        DiagGMM(lw, mu, var).topk_pool(z.detach(), 2)
+
+
+def _gloo_worker(rank, world, init, gmm_params, shards, k, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        gmm = DiagGMM(*gmm_params)
+        with torch.no_grad():
+            values, indices = gmm.topk_pool(shards[rank], k, chunk_size=7, distributed=True)
+        torch.save((values, indices), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_equals_one_process(gen, tmp_path):
+    B, K, D, k = 5, 2, 4, 15
+    gmm = random_gmm(gen, B, K, D, torch.float64, "cpu")
+    z = torch.randn(50, D, generator=gen, dtype=torch.float64)
+    # rank 0 holds fewer than k items, so its padding must not leak into the merge.
+    shards = [z[:9].clone(), z[9:].clone()]
+    init = f"file://{tmp_path / 'store'}"
+    mp.start_processes(_gloo_worker, args=(2, init, gmm.params(), shards, k, str(tmp_path / "out")),
+                       nprocs=2, start_method="spawn", join=True)
+    with torch.no_grad():
+        want = gmm.topk_pool(z, k, chunk_size=7)
+    assert_topk(gmm, z, want, k, exact_indices=True)
+    for rank in range(2):
+        values, indices = torch.load(tmp_path / f"out.{rank}")
+        assert torch.equal(indices, want[1]), rank
+        torch.testing.assert_close(values, want[0], rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- programs
+def _omniglot_zip():
+    from s2m_ext.data.omniglot import SHARED_ZIP, default_omniglot_root
+
+    root = default_omniglot_root()
+    path = None if root is None else (root / SHARED_ZIP if root.is_dir() else root)
+    if path is None or not path.exists():
+        pytest.skip("needs the shared Omniglot zip")
+    return path
+
+
+def _run(module, *args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_index_and_search_programs_end_to_end(tmp_path):
+    import json
+    import zipfile
+    from pathlib import PurePosixPath
+
+    from PIL import Image
+    from test_train import tiny
+
+    from s2m_ext.train import train
+
+    # A collection of 3 characters x 6 drawings from the shared zip, and a concept folder
+    # holding 3 other drawings of the first character.
+    collection, concept = tmp_path / "collection", tmp_path / "concept"
+    with zipfile.ZipFile(_omniglot_zip()) as zf:
+        by_char = {}
+        for name in sorted(zf.namelist()):
+            parts = PurePosixPath(name).parts
+            if name.endswith(".png") and len(parts) >= 3:
+                by_char.setdefault("/".join(parts[-3:-1]), []).append(name)
+        chars = sorted(by_char)[:3]
+        for c in chars:
+            for j, name in enumerate(by_char[c][: 9 if c == chars[0] else 6]):
+                dest = (concept if (c == chars[0] and j >= 6) else collection / c) / PurePosixPath(name).name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(zf.read(name))
+    train(tiny(tmp_path, "run", scorer="gauss"))
+    ckpt = tmp_path / "run" / "last.pt"
+    index = tmp_path / "index"
+    r = _run("s2m_ext.index", "--checkpoint", ckpt, "--images", collection, "--out", index, "--shard-size", 7, "--threads", 1)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["count"] == 18 and len(manifest["shards"]) == 3 and sorted(set(manifest["labels"])) == chars
+    assert sum(np.load(index / s).shape[0] for s in manifest["shards"]) == 18
+
+    out = tmp_path / "res" / "ranked.json"
+    r = _run("s2m_ext.search_cli", "--index", index, "--concept", chars[1], "--concept", concept,
+             "--k", 5, "--out", out, "--sheet", 4, "--thumb", 20)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())
+    assert [c["concept"] for c in got["concepts"]] == [chars[1], str(concept)]
+    # The ranking is topk_pool of the fitted models over the descriptors the index holds.
+    from s2m_ext.index import load_model
+
+    model = load_model(ckpt)
+    desc = torch.from_numpy(np.concatenate([np.load(index / s) for s in manifest["shards"]]))
+    labels = np.asarray(manifest["labels"])
+    ex = desc[torch.from_numpy(labels == chars[1])].unsqueeze(0)
+    with torch.no_grad():
+        gmm = model.fit(ex, torch.ones(ex.shape[:2], dtype=torch.bool), torch.Generator().manual_seed(0))
+        full = gmm.log_prob_pool(desc)[0]
+    first = got["concepts"][0]["results"]
+    assert [e["rank"] for e in first] == [1, 2, 3, 4, 5]
+    assert [e["index"] for e in first] == full.topk(5).indices.tolist()
+    torch.testing.assert_close(torch.tensor([e["score"] for e in first]), full.topk(5).values, rtol=1e-4, atol=1e-4)
+    assert all(e["name"] == manifest["names"][e["index"]] and e["label"] == labels[e["index"]] for e in first)
+    with Image.open(out.with_suffix(".png")) as sheet:
+        assert sheet.size == (4 * 22 + 2, 2 * 22 + 2)
+
+    # Bad flags are usage errors (exit status 2, the message names the flag).
+    for args, flag in [(["--k", 0], "--k"), (["--concept", "no such label"], "--concept"), (["--sheet", -1], "--sheet")]:
+        base = ["--index", index, "--out", out] + (["--concept", chars[0]] if "--concept" not in args else [])
+        r = _run("s2m_ext.search_cli", *base, *args)
+        assert r.returncode == 2 and flag in r.stderr, r.stderr
+    r = _run("s2m_ext.index", "--checkpoint", ckpt, "--images", tmp_path / "missing", "--out", index)
+    assert r.returncode == 2 and "--images" in r.stderr, r.stderr
