@@ -20,6 +20,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from ._extras import require
+
 __all__ = ["embed", "load_model", "main", "read_collection"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
@@ -52,8 +54,7 @@ def load_model(checkpoint: Path):
 
 def embed(model, images: np.ndarray, batch_size: int, progress: bool = False, desc: str = "embed") -> np.ndarray:
     """L2-normalised descriptors (n, D) of uint8 images (n, C, H, W), in the model's dtype."""
-    from tqdm import tqdm
-
+    tqdm = require("tqdm", "train", "the progress bar").tqdm
     dtype = next(model.parameters()).dtype
     out = []
     with torch.no_grad():

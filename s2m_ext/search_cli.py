@@ -19,6 +19,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from ._extras import require
 from .index import MANIFEST, embed, load_model, read_collection
 
 __all__ = ["contact_sheet", "main"]
@@ -27,8 +28,7 @@ __all__ = ["contact_sheet", "main"]
 def contact_sheet(rows: List[List[np.ndarray]], thumb: int, pad: int = 2):
     """A PIL image of thumbnails (each (S, S) uint8, ink = 255, shown dark on white):
     len(rows) rows of max(len(row)) columns of ``thumb`` pixels with ``pad`` between."""
-    from PIL import Image
-
+    Image = require("PIL.Image", "train", "the contact sheet")
     cols = max([len(r) for r in rows] + [1])
     sheet = Image.new("L", (cols * (thumb + pad) + pad, len(rows) * (thumb + pad) + pad), 255)
     for i, row in enumerate(rows):
@@ -55,8 +55,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from tqdm import tqdm
-
+    tqdm = require("tqdm", "train", "the progress bar").tqdm
     from .gmm import DiagGMM
     from .search import topk_pool
 
