@@ -130,6 +130,24 @@ torch.library.register_autograd(
 )
 
 
+def _once_differentiable(name: str):
+    """Autograd of a backward op: refuses to be differentiated. A gradient taken with
+    create_graph=True is fine; differentiating it again (double backward, Hessian-vector
+    products) raises instead of silently giving zeros."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"s2m::{name} is not differentiable: the gradients of s2m_ext's ops (fit_gmm, log_prob, log_prob_pool) "
+            "are differentiable once; double backward (e.g. a Hessian-vector product) is not supported"
+        )
+
+    return backward
+
+
+for _name in ("em_fit_backward", "score_paired_backward", "score_pool_backward"):
+    torch.library.register_autograd(f"s2m::{_name}", _once_differentiable(_name))
+
+
 # ----------------------------------------------------------------------------- implicit fit
 def _em_fit_implicit(
     x: Tensor,
@@ -237,5 +255,6 @@ def _em_fit_implicit_autograd(ctx, g_lw, g_mu, g_var, _g_loglik, _g_used, _g_con
 torch.library.register_autograd(
     "s2m::em_fit_implicit", _em_fit_implicit_autograd, setup_context=_em_fit_implicit_setup_context
 )
+torch.library.register_autograd("s2m::em_fit_implicit_backward", _once_differentiable("em_fit_implicit_backward"))
 
 

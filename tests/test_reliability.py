@@ -266,3 +266,25 @@ def test_generators_of_the_wrong_type_are_refused():
     model = Set2Model(torch.nn.Linear(3, 4), n_components=2, n_iter=1, item_dims=1)
     with pytest.raises(TypeError, match="generators must be None, a torch.Generator or a list"):
         model(torch.randn(2, 4, 3), torch.randn(2, 2, 3), generators=5)
+
+
+@pytest.mark.parametrize("backward", ["unrolled", "implicit"])
+def test_double_backward_of_the_fit_raises_instead_of_giving_zeros(backward):
+    x = torch.randn(2, 12, 3, dtype=torch.float64, requires_grad=True)
+    gmm = s2m_ext.fit_gmm(x, n_components=2, n_iter=30, tol=1e-10 if backward == "implicit" else 0.0,
+                          generator=torch.Generator().manual_seed(0), backward=backward)
+    (g,) = torch.autograd.grad(gmm.means.square().sum(), x, create_graph=True)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0  # the first gradient itself is unaffected
+    with pytest.raises(RuntimeError, match=r"s2m::em_fit(_implicit)?_backward is not differentiable.*double backward"):
+        torch.autograd.grad(g.sum(), x)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_double_backward_of_scoring_raises(pool):
+    z = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+    gmm = s2m_ext.fit_gmm(torch.randn(2, 9, 3, dtype=torch.float64), n_components=2)
+    out = gmm.log_prob_pool(z[0]) if pool else gmm.log_prob(z)
+    (g,) = torch.autograd.grad(out.sum(), z, create_graph=True)
+    name = "score_pool_backward" if pool else "score_paired_backward"
+    with pytest.raises(RuntimeError, match=f"s2m::{name} is not differentiable"):
+        torch.autograd.grad(g.square().sum(), z)
