@@ -1,6 +1,6 @@
 // Helpers of the CUDA glue (csrc/cuda/*_cuda.cpp): the only CUDA code that knows torch.
-// Includes c10/cuda headers only (ATen/cuda/CUDAContext.h pulls cusparse.h, which the
-// workplace's CUDA toolkit lacks).
+// Includes c10/cuda headers only (ATen/cuda/CUDAContext.h pulls cusparse.h, which a CUDA
+// toolkit of compiler and runtime alone lacks).
 #pragma once
 
 #include <c10/cuda/CUDAGuard.h>

@@ -1,5 +1,5 @@
 // A CPU emulator of the small CUDA subset that csrc/cuda/*.cu use, so that the kernels' logic
-// can be run and checked on machines without a GPU (this workplace's dev and CI machines).
+// can be run and checked on machines without a GPU (CI included).
 //
 // Compile a .cu file as C++ with -DS2M_CUDA_EMU (see csrc/cuda/emu/run_emu_tests.sh): the
 // kernels become plain functions, and S2M_LAUNCH runs them block after block. Each thread of a
