@@ -37,7 +37,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def pytest_configure(config):
     package_dir = os.path.dirname(os.path.abspath(s2m_ext.__file__))
-    if os.environ.get("S2M_TEST_INSTALLED") == "1" and package_dir.startswith(REPO_ROOT + os.sep):
+    if os.environ.get("S2M_TEST_INSTALLED") == "1" and package_dir == os.path.join(REPO_ROOT, "s2m_ext"):
         raise pytest.UsageError(f"S2M_TEST_INSTALLED=1 but s2m_ext was imported from the source tree ({package_dir})")
 
 
