@@ -3,6 +3,7 @@ all-padding concept set gives the AVG scorer a zero (finite) mean."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -29,12 +30,14 @@ def test_nn_padding_never_wins_the_maximum():
         torch.testing.assert_close(got_pool[b], (kept @ z[1].T).amax(0), rtol=0, atol=1e-15)
 
 
-def test_avg_all_padding_set_has_a_zero_mean():
+def test_avg_masked_mean_and_all_padding_set_refused():
+    # An all-padding set is refused by every scorer alike (the masked mean never sees 0/0).
     scorer = make_scorer("avg")
-    x, z = _unit(2, 5, 4, seed=2), _unit(2, 3, 4, seed=3)
-    mask = torch.tensor([[True, True, False, True, True], [False] * 5])
+    x = _unit(2, 5, 4, seed=2)
+    mask = torch.tensor([[True, True, False, True, True], [True, False, False, False, False]])
     state = scorer.fit(x, mask)
-    assert torch.isfinite(state).all()
-    torch.testing.assert_close(state[1], torch.zeros(4, dtype=torch.float64), rtol=0, atol=0)
     torch.testing.assert_close(state[0], x[0][mask[0]].mean(0), rtol=1e-15, atol=1e-15)
-    torch.testing.assert_close(scorer.score(state, z)[1], torch.zeros(3, dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(state[1], x[1, 0], rtol=0, atol=0)
+    mask[1] = False
+    with pytest.raises(ValueError, match="^mask: every set needs at least one True entry"):
+        scorer.fit(x, mask)
