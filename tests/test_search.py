@@ -229,10 +229,18 @@ def _omniglot_zip():
 
 
 def _run(module, *args):
+    import os
     import subprocess
     import sys
+    import tempfile
 
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, timeout=300)
+    import s2m_ext
+
+    # The program imports the s2m_ext this process imported (installed or built in place), run
+    # from a folder outside the source tree (python -m puts the working directory first).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(s2m_ext.__path__[0]), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tempfile.gettempdir())
 
 
 def test_index_and_search_programs_end_to_end(tmp_path):
