@@ -16,6 +16,7 @@ the global numbering, and the per-rank top-k are merged with an all_gather.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -137,20 +138,25 @@ def _read_ahead(chunks: Iterator[Tuple[int, Tensor]], depth: int = 1) -> Iterato
     done = object()
     stop = threading.Event()
 
+    def put(item) -> bool:
+        # Every put gives up once the consumer has gone (stop set): a put that blocked on a
+        # full queue after the consumer stopped reading would hang its worker.join().
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in chunks:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(done)
+            put(done)
         except BaseException as exc:  # re-raised in the consumer
-            q.put(exc)
+            put(exc)
 
     worker = threading.Thread(target=produce, daemon=True, name="s2m-pool-read-ahead")
     worker.start()
@@ -232,7 +238,9 @@ def topk_pool(
     chunks = _chunks(shards, rows, device)
     if read_ahead and not in_memory:
         chunks = _read_ahead(chunks)
-    with torch.no_grad():
+    # closing(): an error while scoring stops the read-ahead thread now, not when the
+    # generator happens to be collected.
+    with torch.no_grad(), contextlib.closing(chunks):
         for offset, z in chunks:
             V.check_finite(z, "pool")
             scores = ops.score_pool(z, *params)  # (B, rows)

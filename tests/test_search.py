@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch.multiprocessing as mp
 from conftest import DEVICES, DTYPES, RTOL
 
 from s2m_ext import DiagGMM
-from s2m_ext.search import merge_topk, topk_pool
+from s2m_ext.search import _read_ahead, merge_topk, topk_pool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,6 +155,25 @@ def test_read_ahead_error_reaches_the_caller(gen):
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="finite"), torch.no_grad():
         topk_pool(gmm, [np.ones((4, 3)), bad], 2, chunk_size=2)
+
+
+def test_read_ahead_ends_when_the_consumer_stops_early():
+    """The consumer stops (an error while scoring) once the reader has read everything and
+    queued the last chunk: the reader must still end, not block on the full queue with its
+    end marker, which would hang the caller."""
+    exhausted = threading.Event()
+
+    def source():
+        yield from ((i, torch.zeros(1)) for i in range(2))
+        exhausted.set()  # chunk 1 is queued by now: the queue (depth 1) is full
+
+    chunks = _read_ahead(source(), depth=1)
+    next(chunks)
+    assert exhausted.wait(30)
+    closer = threading.Thread(target=chunks.close, daemon=True)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive(), "closing the read-ahead iterator hangs"
 
 
 def test_bad_inputs(gen, tmp_path):
