@@ -130,8 +130,17 @@ def em_fit(
 
 
 def log_prob(z: Tensor, log_weights: Tensor, means: Tensor, variances: Tensor) -> Tensor:
-    """Paired scoring: log p(z[b,q]) under mixture b. z (B,Q,D) -> (B,Q)."""
-    return torch.logsumexp(component_log_densities(z, log_weights, means, variances), dim=-1)
+    """Paired scoring: log p(z[b,q]) under mixture b. z (B,Q,D) -> (B,Q).
+
+    A query whose log-densities are all -inf scores -inf and passes no gradient (its exact
+    gradient overflows): it is scored again at the mixture's first mean, off the graph's path,
+    so that no Inf or NaN enters the backward.
+    """
+    with torch.no_grad():
+        underflow = torch.logsumexp(component_log_densities(z, log_weights, means, variances), dim=-1) == -math.inf
+    safe_z = torch.where(underflow.unsqueeze(-1), means[:, :1].detach().expand_as(z), z)
+    lse = torch.logsumexp(component_log_densities(safe_z, log_weights, means, variances), dim=-1)
+    return torch.where(underflow, torch.full_like(lse, -math.inf), lse)
 
 
 def log_prob_pool(z: Tensor, log_weights: Tensor, means: Tensor, variances: Tensor) -> Tensor:

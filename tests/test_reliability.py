@@ -11,6 +11,8 @@ from s2m_ext import DiagGMM, reference
 from s2m_ext.nn import HistogramLoss
 from s2m_ext.nn.loss import histogram_loss
 
+from conftest import DEVICES, DTYPES, RTOL
+
 
 def test_histogram_loss_collapsed_scores_give_zero_gradient():
     # All scores of a tuple equal (a collapsed embedding): loss 1, gradient finite and 0.
@@ -90,6 +92,61 @@ def test_all_underflow_rows_get_uniform_responsibilities_in_reference():
                                 torch.zeros(1, 3, 1), torch.full((1, 3, 1), 1e-3))
     torch.testing.assert_close(resp[0, 1], torch.full((3,), 1 / 3))
     assert torch.isfinite(ll).all()
+
+
+# (variance, far coordinate) per dtype: (far - mean)^2 / variance overflows, near ones don't.
+_UNDERFLOW_SCALES = {torch.float64: (1e-20, 1e150), torch.float32: (1e-12, 1e16)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pool", [False, True], ids=["paired", "pool"])
+def test_queries_scored_minus_inf_pass_no_gradient(device, dtype, pool):
+    """A query farther from every component than the dtype can express scores -inf (the
+    uniform-responsibility rule) and passes no gradient, in every backend and the reference:
+    the other queries' gradients stay finite and equal to the reference's."""
+    g = torch.Generator().manual_seed(torch.initial_seed())
+    var_scale, far = _UNDERFLOW_SCALES[dtype]
+    B, K, D, Q = 2, 3, 3, 7  # Q crosses the CPU kernels' blocks of 4
+    lw = torch.log_softmax(torch.randn(B, K, generator=g, dtype=torch.float64), 1)
+    # Components within a few standard deviations of each other: the near queries are near
+    # every mixture (far apart, the pool's expanded form loses eps * distance^2 / variance).
+    var = var_scale * (0.5 + torch.rand(B, K, D, generator=g, dtype=torch.float64))
+    mu = var_scale**0.5 * torch.randn(B, K, D, generator=g, dtype=torch.float64)
+    near = mu[:, :1] + var[:, :1].sqrt() * torch.randn(B, Q, D, generator=g, dtype=torch.float64)
+    sign = torch.where(torch.rand(B, Q, D, generator=g) < 0.5, -1.0, 1.0).double()
+    is_far = torch.tensor([True, False, False, True, False, True, False])
+    z = torch.where(is_far[None, :, None], far * sign, near)
+    if pool:
+        z = z[0]
+    args = [t.to(device, dtype).requires_grad_() for t in (z, lw, mu, var)]
+    op = DiagGMM(*args[1:]).log_prob_pool if pool else DiagGMM(*args[1:]).log_prob
+    ref = reference.log_prob_pool if pool else reference.log_prob
+    got, want = op(args[0]), ref(*args)
+    assert bool((got[:, is_far] == -math.inf).all()) and bool(torch.isfinite(got[:, ~is_far]).all())
+    torch.testing.assert_close(got[:, ~is_far], want[:, ~is_far], rtol=RTOL[dtype], atol=RTOL[dtype])
+    w = torch.randn(got.shape, generator=g, dtype=torch.float64).to(device, dtype)
+    grads = torch.autograd.grad((got.masked_fill(~got.isfinite(), 0) * w).sum(), args)
+    ref_grads = torch.autograd.grad((want.masked_fill(~want.isfinite(), 0) * w).sum(), args)
+    for name, a, b in zip(["z", "log_weights", "means", "variances"], grads, ref_grads):
+        assert bool(torch.isfinite(b).all()), f"reference gradient of {name} not finite"
+        assert bool(torch.isfinite(a).all()), f"gradient of {name} not finite"
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a, b, rtol=RTOL[dtype], atol=RTOL[dtype] * scale, msg=lambda m: f"{name}: {m}")
+    if not pool:
+        assert bool((grads[0][:, is_far] == 0).all()), "a query scored -inf passed gradient to z"
+
+
+def test_pool_scores_whose_expanded_terms_overflow_are_minus_inf_not_nan():
+    # Components at +-1e140 with variance 1e-20: for the item at 1e150 both z . mu / v and
+    # z^2 / v overflow in the CPU kernel's expanded form (Inf - Inf); the entry is recomputed
+    # directly and scores -inf like the reference.
+    mu = torch.tensor([[[1e140], [-1e140]]], dtype=torch.float64)
+    var = torch.full((1, 2, 1), 1e-20, dtype=torch.float64)
+    lw = torch.log(torch.full((1, 2), 0.5, dtype=torch.float64))
+    z = torch.tensor([[1e150], [-1e150]], dtype=torch.float64)
+    got = DiagGMM(lw, mu, var).log_prob_pool(z)
+    assert got.tolist() == reference.log_prob_pool(z, lw, mu, var).tolist() == [[-math.inf, -math.inf]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

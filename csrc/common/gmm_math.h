@@ -14,6 +14,8 @@
 //  * underflow:  a point whose log-densities are all -Inf (farther from every component
 //                than the dtype can express) gets uniform responsibilities 1/K (the limit
 //                of K equal log-densities) and log-density -Inf: shifted_log_density.
+//                As a score, -Inf is saturated at the dtype's limit and passes no gradient
+//                (the exact one overflows): scored_point_passes_gradient.
 #pragma once
 
 #include <cfloat>
@@ -60,6 +62,12 @@ S2M_HD T weighted(T w, T f) {
 template <typename T>
 S2M_HD T shifted_log_density(T l, T lmax) {
   return lmax == -INFINITY ? T(0) : l - lmax;
+}
+
+// Does a scored point with log-density maximum lmax pass gradient to z and the mixture?
+template <typename T>
+S2M_HD bool scored_point_passes_gradient(T lmax) {
+  return lmax != -INFINITY;
 }
 
 // Is component k still fitted from data? (Otherwise it keeps its previous mean/variance.)

@@ -81,9 +81,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_paired_backward
           const int64_t count = std::min(kBlock, Q - q0), i0 = b * Q + q0;
           const T* zb = padded_block(zp + i0 * D, count, D, pad.data());
           block_log_densities(zb, means, inv_var.data(), log_norm.data(), K, D, l.data());
-          block_posteriors(l.data(), K, g_l.data(), static_cast<T*>(nullptr));
+          T lse[kBlock];
+          block_posteriors(l.data(), K, g_l.data(), lse);
           for (int64_t j = 0; j < kBlock; ++j) {  // dL/dl = dL/dlog p times the posteriors
-            const T g = j < count ? gp[i0 + j] : T(0);
+            const T g = j < count && scored_point_passes_gradient(lse[j]) ? gp[i0 + j] : T(0);
             for (int64_t k = 0; k < K; ++k) g_l[j * K + k] *= g;
           }
           // A partial block writes its z-gradient to scratch, then copies the real rows.

@@ -32,7 +32,8 @@ struct PoolTerms {
   at::Tensor mc;       // (BK, D) centred means
   at::Tensor inv_var;  // (BK, D)
   at::Tensor a;        // (BK, D) mc / v
-  at::Tensor c;        // (BK)
+  at::Tensor log_norm; // (BK) log pi - 1/2 sum_d log(2 pi v)
+  at::Tensor c;        // (BK) log_norm - 1/2 mc . a
 };
 
 PoolTerms pool_terms(const at::Tensor& lw, const at::Tensor& mu, const at::Tensor& var,
@@ -45,8 +46,8 @@ PoolTerms pool_terms(const at::Tensor& lw, const at::Tensor& mu, const at::Tenso
   t.mc = mu2 - t.center;
   t.inv_var = var2.reciprocal();
   t.a = t.mc * t.inv_var;
-  t.c = lw.reshape({BK}) - 0.5 * (double(D) * kLog2Pi + var2.log().sum(1)) -
-        0.5 * (t.mc * t.a).sum(1);
+  t.log_norm = lw.reshape({BK}) - 0.5 * (double(D) * kLog2Pi + var2.log().sum(1));
+  t.c = t.log_norm - 0.5 * (t.mc * t.a).sum(1);
   return t;
 }
 
@@ -55,10 +56,19 @@ int64_t chunk_rows(const MixtureSizes& m, at::ScalarType dtype) {
   return std::max<int64_t>(1, elements / std::max<int64_t>(1, m.batch * m.components));
 }
 
-// l for rows [row0, row0 + rows) of the pool: (rows, B*K).
+// l for rows [row0, row0 + rows) of the pool: (rows, B*K). Where a term of the expansion
+// overflowed (|z - centre| and 1/v both huge: Inf - Inf or -Inf), the entry is recomputed
+// directly, whose only non-finite value is -Inf (a squared distance beyond the dtype).
 at::Tensor chunk_log_densities(const at::Tensor& zc, const PoolTerms& t) {
   auto l = at::addmm(t.c, zc, t.a.t());
   l.addmm_(zc.square(), t.inv_var.t(), /*beta=*/1.0, /*alpha=*/-0.5);
+  const auto overflowed = l.isfinite().logical_not_().nonzero();  // (n, 2): row, component
+  if (overflowed.size(0) > 0) {
+    const auto row = overflowed.select(1, 0), comp = overflowed.select(1, 1);
+    const auto diff = zc.index_select(0, row) - t.mc.index_select(0, comp);
+    const auto maha = (diff.square() * t.inv_var.index_select(0, comp)).sum(1);
+    l.index_put_({row, comp}, t.log_norm.index_select(0, comp) - 0.5 * maha);
+  }
   return l;
 }
 
@@ -100,7 +110,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_pool_backward(
     for (int64_t r0 = 0; r0 < M; r0 += rows) {
       const int64_t r = std::min(rows, M - r0);
       const auto zc = z.narrow(0, r0, r) - t.center;
-      const auto resp = chunk_log_densities(zc, t).view({r, B, K}).softmax(2);
+      const auto l = chunk_log_densities(zc, t).view({r, B, K});
+      // A point scored -Inf passes no gradient (gmm_math.h); its softmax would be NaN.
+      const auto resp = l.softmax(2).masked_fill_(l.amax(2, true) == -INFINITY, 0.0);
       const auto g_l = (resp * grad.narrow(1, r0, r).t().unsqueeze(2)).reshape({r, BK});
       // dL/dz = sum_bk g_l (mu - z) / v
       g_z.narrow(0, r0, r).copy_(at::mm(g_l, t.a) - zc * at::mm(g_l, t.inv_var));

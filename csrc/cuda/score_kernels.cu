@@ -72,7 +72,7 @@ S2M_DEV void point_log_sum(const T* z, const T* mu, const T* iv, const T* log_no
       s = s * std::exp(m - l) + T(1);
       m = l;
     } else {
-      s += std::exp(l - m);
+      s += std::exp(shifted_log_density(l, m));  // all -inf so far: counts 1, not NaN
     }
   }
   *m_out = m;
@@ -130,12 +130,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int p = tid; p < np; p += nt) {
       const T g = grad[q0 + p];
       const T* zq = zb + (q0 + p) * D;
-      if (g == T(0)) {
+      T lmax = T(0), sum = T(1);
+      if (g != T(0)) point_log_sum(zq, mu, iv, log_norm, K, D, &lmax, &sum);
+      if (g == T(0) || !scored_point_passes_gradient(lmax)) {
         for (int k = 0; k < K; ++k) gl[p * K + k] = T(0);
         continue;
       }
-      T lmax, sum;
-      point_log_sum(zq, mu, iv, log_norm, K, D, &lmax, &sum);
       const T g_over_sum = g / sum;
       for (int k = 0; k < K; ++k) {
         const T l = component_log_density(zq, mu + k * D, iv + k * D, log_norm[k], D);
@@ -161,8 +161,10 @@ __global__ void __launch_bounds__(kThreads)
       for (int p = 0; p < np; ++p) {
         const T g = gl[p * K + k];
         const T e = (zb[(q0 + p) * D + d] - m) * s;
-        gm = std::fma(g, e, gm);
-        gv += T(0.5) * g * (e * e - s);
+        // (g e) e, not g (e e): e e may overflow where g = 0 (a query that passes no gradient).
+        const T h = g * e;
+        gm += h;
+        gv += T(0.5) * (h * e - g * s);
       }
       part[K + kd] += gm;
       part[K + KD + kd] += gv;
@@ -455,7 +457,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
           }
           T ls = T(0);
 #pragma unroll
-          for (int j = 0; j < KC; ++j) ls += std::exp(ln[q * KC + j] - T(0.5) * acc[i][q * KC + j] - lm);
+          for (int j = 0; j < KC; ++j)
+            ls += std::exp(shifted_log_density(ln[q * KC + j] - T(0.5) * acc[i][q * KC + j], lm));
           const int64_t m = m0 + ty * TM + i;
           if (KC < 8) {  // K <= KC: one chunk
             if (b < a.B && m < a.M) a.out[b * a.M + m] = lm + std::log(ls);
@@ -465,7 +468,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
               run_s[i] = ls;
             } else {
               const T mx = lm > run_m[i] ? lm : run_m[i];
-              run_s[i] = run_s[i] * std::exp(run_m[i] - mx) + ls * std::exp(lm - mx);
+              run_s[i] = run_s[i] * std::exp(shifted_log_density(run_m[i], mx)) +
+                         ls * std::exp(shifted_log_density(lm, mx));
               run_m[i] = mx;
             }
             if (c == plan.chunks - 1 && b < a.B && m < a.M)
@@ -542,6 +546,7 @@ __global__ void __launch_bounds__(kThreads)
       lmax = lk > lmax ? lk : lmax;
     }
     __syncwarp();
+    if (!scored_point_passes_gradient(lmax)) continue;  // the same in every lane
     T s = T(0);
     for (int k = 0; k < K; ++k) s += std::exp(l[k] - lmax);
     const T g_over_sum = g / s;

@@ -257,6 +257,85 @@ void pool_case(int64_t B, int64_t M, int64_t K, int64_t D, unsigned seed, bool b
   close(gvar, w_gvar, bt, "score_pool_backward grad variances " + tag);
 }
 
+// Queries farther from every component than T can express score -inf and pass no gradient
+// (gmm_math.h, scored_point_passes_gradient); the others match the float64 reference.
+template <typename T>
+void underflow_case(bool pool, unsigned seed) {
+  const int64_t B = 2, K = 3, D = 5, Q = 9;
+  const double var_scale = sizeof(T) == 8 ? 1e-20 : 1e-12, far = sizeof(T) == 8 ? 1e150 : 1e16;
+  const std::string tag = tname<T>() + (pool ? " pool" : " paired") + " queries beyond the range";
+  Mixtures<T> mix(B, K, D, seed, 0.0, std::sqrt(var_scale), var_scale);
+  const int64_t rows = pool ? Q : B * Q;
+  std::mt19937_64 rng(seed + 1);
+  std::normal_distribution<double> normal;
+  std::vector<T> z(rows * D);
+  std::vector<bool> is_far(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    is_far[r] = r % 3 == 1;
+    const int64_t c = pool ? 0 : (r / Q) * K;  // near component 0 of its set
+    for (int64_t d = 0; d < D; ++d)
+      z[r * D + d] = is_far[r] ? T((d % 2 ? -1 : 1) * far)
+                               : T(mix.mu[c * D + d] + std::sqrt(double(mix.var[c * D + d])) * normal(rng));
+  }
+  const std::vector<T> grad = queries<T>(B * Q, seed + 2);
+  const Ref ref(mix);
+  const std::vector<double> zd = to_double(z);
+  std::vector<double> want(B * Q), w_gz(rows * D, 0.0), w_glw(B * K, 0.0), w_gmu(B * K * D, 0.0),
+      w_gvar(B * K * D, 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t q = 0; q < Q; ++q) {
+      const int64_t r = pool ? q : b * Q + q;
+      if (is_far[r]) continue;
+      want[b * Q + q] = ref.log_prob(b, zd.data() + r * D);
+      ref.backward(b, zd.data() + r * D, double(grad[b * Q + q]), w_glw.data() + b * K,
+                   w_gmu.data() + b * K * D, w_gvar.data() + b * K * D, w_gz.data() + r * D);
+    }
+  std::vector<T> out = nans<T>(B * Q), gz = nans<T>(rows * D), glw = nans<T>(B * K),
+                 gmu = nans<T>(B * K * D), gvar = nans<T>(B * K * D);
+  if (pool) {
+    std::vector<unsigned char> ws =
+        s2m_emu::poisoned_bytes(s2m::cuda::score_pool_workspace_bytes<T>(B, K, D) + 16);
+    emu_check(s2m::cuda::score_pool<T>(z.data(), Q, mix.args(), out.data(), ws.data(), nullptr) ==
+                  cudaSuccess, "score_pool launch " + tag);
+    std::vector<unsigned char> bws =
+        s2m_emu::poisoned_bytes(s2m::cuda::score_pool_backward_workspace_bytes<T>(B, Q, K, D) + 16);
+    emu_check(s2m::cuda::score_pool_backward<T>(grad.data(), z.data(), Q, mix.args(), gz.data(),
+                                                glw.data(), gmu.data(), gvar.data(), bws.data(),
+                                                nullptr) == cudaSuccess,
+              "score_pool_backward launch " + tag);
+  } else {
+    std::vector<unsigned char> ws =
+        s2m_emu::poisoned_bytes(s2m::cuda::score_paired_workspace_bytes<T>(B, K, D) + 16);
+    emu_check(s2m::cuda::score_paired<T>(z.data(), Q, mix.args(), out.data(), ws.data(), nullptr) ==
+                  cudaSuccess, "score_paired launch " + tag);
+    std::vector<unsigned char> bws =
+        s2m_emu::poisoned_bytes(s2m::cuda::score_backward_workspace_bytes<T>(B, Q, K, D) + 16);
+    s2m::cuda::ScoreBackwardArgs<T> a{grad.data(), z.data(), Q * D, Q, mix.args(), gz.data(),
+                                      glw.data(), gmu.data(), gvar.data()};
+    emu_check(s2m::cuda::score_paired_backward<T>(a, bws.data(), nullptr) == cudaSuccess,
+              "score_paired_backward launch " + tag);
+  }
+  std::vector<T> near_out;
+  std::vector<double> near_want;
+  bool far_is_minus_inf = true;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t q = 0; q < Q; ++q) {
+      const int64_t r = pool ? q : b * Q + q;
+      if (is_far[r]) {
+        far_is_minus_inf = far_is_minus_inf && out[b * Q + q] == -std::numeric_limits<T>::infinity();
+      } else {
+        near_out.push_back(out[b * Q + q]);
+        near_want.push_back(want[b * Q + q]);
+      }
+    }
+  emu_check(far_is_minus_inf, tag + ": far queries score -inf");
+  close(near_out, near_want, tol<T>(), tag + ": scores of the near queries");
+  close(gz, w_gz, tol<T>(), tag + ": grad z");
+  close(glw, w_glw, tol<T>(), tag + ": grad log_weights");
+  close(gmu, w_gmu, tol<T>(), tag + ": grad means");
+  close(gvar, w_gvar, tol<T>(), tag + ": grad variances");
+}
+
 // The rule of csrc/cpu/kmeanspp_cpu.cpp, written out sequentially.
 template <typename T>
 int64_t ref_sample(const std::vector<T>& p, double u) {
@@ -355,6 +434,10 @@ void far_and_narrow_pool_case() {
 
 void run_score_tests() {
   far_and_narrow_pool_case();
+  for (bool pool : {false, true}) {
+    underflow_case<double>(pool, 30);
+    underflow_case<float>(pool, 31);
+  }
   paired_case<double>(3, 37, 3, 5, 1);
   paired_case<double>(2, 300, 1, 16, 2);
   paired_case<float>(3, 37, 3, 5, 3);
