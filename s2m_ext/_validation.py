@@ -98,10 +98,16 @@ def magnitude_bound(dtype: torch.dtype, dims: int) -> float:
     return math.sqrt(torch.finfo(dtype).max / max(int(dims), 1)) / 2
 
 
+def _checks_values(t: Tensor) -> bool:
+    """Whether the value checks read t: enabled, not empty, and holding values (meta
+    tensors carry shapes only: they pass through to the ops' fake implementations)."""
+    return value_checks_enabled() and t.numel() > 0 and not t.is_meta
+
+
 def check_finite(t: Tensor, name: str, dims: Optional[int] = None) -> float:
     """Refuse NaN/Inf in t and, with ``dims``, values beyond :func:`magnitude_bound`.
     Returns max |t| (0 when the check is skipped or t is empty)."""
-    if not value_checks_enabled() or t.numel() == 0:
+    if not _checks_values(t):
         return 0.0
     lo, hi = _extremes(t)
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -122,7 +128,7 @@ def check_finite(t: Tensor, name: str, dims: Optional[int] = None) -> float:
 def check_fit_scale(weights: Tensor, largest_x: float, dims: int) -> None:
     """Refuse weighted moments that overflow the dtype: per set, the total weight W and
     W * D * (2 max|x|)^2 (a bound on the weighted second moment) must be <= the dtype's max."""
-    if not value_checks_enabled() or weights.numel() == 0:
+    if not _checks_values(weights):
         return
     fmax = torch.finfo(weights.dtype).max
     total = float(weights.detach().double().sum(-1).max())
@@ -145,7 +151,7 @@ def check_var_floor(var_floor: float, dtype: torch.dtype) -> None:
 
 
 def check_weight_values(weights: Tensor, name: str = "weights") -> None:
-    if not value_checks_enabled() or weights.numel() == 0:
+    if not _checks_values(weights):
         return
     lo, hi = _extremes(weights)
     if not (math.isfinite(lo) and math.isfinite(hi)):

@@ -132,7 +132,7 @@ def test_queries_scored_minus_inf_pass_no_gradient(device, dtype, pool):
         assert bool(torch.isfinite(b).all()), f"reference gradient of {name} not finite"
         assert bool(torch.isfinite(a).all()), f"gradient of {name} not finite"
         scale = b.abs().max().item()
-        torch.testing.assert_close(a, b, rtol=RTOL[dtype], atol=RTOL[dtype] * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=RTOL[dtype], atol=RTOL[dtype] * scale, msg=lambda m, name=name: f"{name}: {m}")
     if not pool:
         assert bool((grads[0][:, is_far] == 0).all()), "a query scored -inf passed gradient to z"
 
@@ -345,3 +345,44 @@ def test_double_backward_of_scoring_raises(pool):
     name = "score_pool_backward" if pool else "score_paired_backward"
     with pytest.raises(RuntimeError, match=f"s2m::{name} is not differentiable"):
         torch.autograd.grad(g.square().sum(), z)
+
+
+def test_meta_tensors_give_shapes_through_every_entry_point():
+    """Meta tensors (deferred initialisation, shape inference) pass the value checks, which
+    have no values to read, and reach the ops' fake implementations."""
+    from torch import nn
+
+    from s2m_ext.nn import AvgModel, NNModel, Set2Model
+
+    x = torch.empty(2, 5, 3, device="meta")
+    for backward in ("unrolled", "implicit"):
+        gmm = s2m_ext.fit_gmm(x, n_components=2, tol=1e-3, backward=backward)
+        assert gmm.means.is_meta and gmm.means.shape == (2, 2, 3) and gmm.variances.shape == (2, 2, 3)
+    assert gmm.log_prob(torch.empty(2, 4, 3, device="meta")).shape == (2, 4)
+    assert gmm.log_prob_pool(torch.empty(7, 3, device="meta")).shape == (2, 7)
+    mixture = DiagGMM(torch.empty(1, 2, device="meta"), torch.empty(1, 2, 3, device="meta"), torch.empty(1, 2, 3, device="meta"))
+    assert mixture.log_prob(torch.empty(1, 4, 3, device="meta")).shape == (1, 4)
+    for make in (lambda e: Set2Model(e, n_components=2, item_dims=1), lambda e: AvgModel(e, item_dims=1),
+                 lambda e: NNModel(e, item_dims=1)):
+        with torch.device("meta"):
+            model = make(nn.Linear(4, 3))
+            out = model(torch.empty(2, 5, 4), torch.empty(2, 6, 4), concept_mask=torch.ones(2, 5, dtype=torch.bool))
+        assert out.is_meta and out.shape == (2, 6)
+
+
+
+def test_normalisation_check_allows_the_rounding_of_many_components():
+    """float32 log weights of millions of components, from log_softmax (K = 2^22: ~4e-4) or
+    from a fit (K = 2^21: ~7e-4), are off their normalisation by rounding only, beyond
+    sqrt(eps) = 3.5e-4: the constructor accepts them, and still refuses unnormalised ones."""
+    k = 2**22
+    g = torch.Generator().manual_seed(torch.initial_seed())
+    lw = torch.log_softmax(3 * torch.randn(1, k, generator=g), 1)
+    means, variances = torch.zeros(1, k, 1), torch.ones(1, k, 1)
+    DiagGMM(lw, means, variances)
+    fit = s2m_ext.fit_gmm(torch.randn(1, 64, 1, generator=g), n_components=k // 2, n_iter=1, generator=g)
+    DiagGMM(fit.log_weights, fit.means, fit.variances)
+    with pytest.raises(ValueError, match="log_weights must be normalised"):
+        DiagGMM(lw + 0.7, means, variances)
+    with pytest.raises(ValueError, match="log_weights must be normalised"):
+        DiagGMM(torch.log_softmax(torch.randn(1, 3), 1) + 1e-3, torch.zeros(1, 3, 1), torch.ones(1, 3, 1))

@@ -72,6 +72,8 @@ def _check_desc(desc: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
         raise ValueError(f"mask must be a bool tensor of shape (B, N) = {tuple(desc.shape[:2])}, got {getattr(mask, 'shape', mask)}")
     if mask.device != desc.device:
         raise ValueError(f"mask must be on the device of the descriptors ({desc.device}), got {mask.device}")
+    if mask.is_meta:  # shapes only: nothing to check
+        return mask
     empty = (~mask.any(1)).nonzero().flatten()
     if empty.numel() > 0:  # the same refusal for every scorer: a set needs an item
         raise ValueError(f"mask: every set needs at least one True entry, but set(s) {empty[:8].tolist()} have none")
