@@ -98,7 +98,7 @@ MUTATIONS = [
          why="k-means++ distance to the last centre only, not the nearest (K >= 3 differs)",
          tests=["tests/test_core_ops.py", "tests/test_core_semantics.py"]),
     dict(id="kmeanspp-unweighted", file="csrc/cpu/kmeanspp_cpu.cpp",
-         old="p[n] = w[n] * d2[n];", new="p[n] = d2[n];",
+         old="p[n] = weighted(w[n], d2[n]);", new="p[n] = d2[n];",
          why="k-means++ ignores the point weights after the first centre",
          tests=["tests/test_core_ops.py", "tests/test_core_semantics.py"]),
     dict(id="kmeanspp-cdf-ge", file="csrc/cpu/kmeanspp_cpu.cpp",
