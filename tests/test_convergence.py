@@ -240,3 +240,22 @@ def test_a_decreasing_log_likelihood_does_not_stop_the_fit(device):
     for b in range(B):
         assert _rule(lls[:, b], tol, 10)[:2] == (3, True)
         assert _sklearn(x[b].cpu(), [t[b].cpu() for t in init], 1, floor, tol, 10) == (3, True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_change_equal_to_tol_does_not_stop_the_fit(device):
+    """The rule is strict, |change| < tol (scikit-learn's): with tol set to exactly the
+    change of iteration 2, |ll(theta_1) - ll(theta_0)|, the fit goes on past iteration 2;
+    with the next float above it, it stops there."""
+    B, N, D, K = 1, 40, 2, 2
+    x = torch.randn(B, N, D, dtype=torch.float64, device=device)
+    w = torch.ones(B, N, dtype=torch.float64, device=device)
+    init = (torch.log(torch.full((B, K), 0.5, dtype=torch.float64, device=device)),
+            x[:, :K].clone(), torch.ones(B, K, D, dtype=torch.float64, device=device))
+    # ll(theta_t) as the op computes it: the final log-likelihood of a tol = 0 run of t steps.
+    ll0, ll1 = (s2m_ext.ops.em_fit(x, w, *init, t, 0.0, 0.0, False)[3].item() for t in (0, 1))
+    change = abs(ll1 - ll0)
+    assert change > 0
+    used = [s2m_ext.ops.em_fit(x, w, *init, 50, 0.0, tol, False)[4].item()
+            for tol in (change, math.nextafter(change, math.inf))]
+    assert used[1] == 2 and used[0] > 2

@@ -175,6 +175,21 @@ def test_kmeanspp_op_matches_reference(dtype, device):
     assert len(set(idx[0].tolist())) == K, "distinct points are chosen while there are enough"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_kmeanspp_draws_at_the_ends_of_the_unit_interval_skip_zero_probability_points(device):
+    """u = 0 and u just below 1 pick the first and the last point of positive probability:
+    leading and trailing zero-weight points (and, after the first centre, the centre itself at
+    distance 0) are never drawn, whatever the rounding of the cumulative sum."""
+    x = torch.tensor([[[0.0], [1.0], [2.0], [4.0], [5.0]]], dtype=torch.float64, device=device)
+    w = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64, device=device)
+    for u0, first in ((0.0, 1), (1.0 - 2**-53, 3)):
+        u = torch.tensor([[u0, 0.0, 1.0 - 2**-53]], dtype=torch.float64, device=device)
+        idx = s2m_ext.ops.kmeanspp(x, w, u)
+        assert idx[0, 0].item() == first
+        assert bool(w[0, idx[0]].gt(0).all()) and len(set(idx[0].tolist())) == 3
+        assert torch.equal(idx, reference.kmeanspp(x, w, u))
+
+
 def test_kmeanspp_draws_proportionally_to_weighted_squared_distance():
     """Second draw: P(n) = w_n d_n^2 / sum. Checked by the empirical frequency over many sets."""
     pts = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)
