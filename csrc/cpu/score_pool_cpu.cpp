@@ -83,8 +83,10 @@ at::Tensor score_pool(const at::Tensor& z, const at::Tensor& lw, const at::Tenso
   for (int64_t r0 = 0; r0 < M; r0 += rows) {
     const int64_t r = std::min(rows, M - r0);
     const auto zc = z.narrow(0, r0, r) - t.center;
-    const auto l = chunk_log_densities(zc, t).view({r, B, K});
-    out.narrow(1, r0, r).copy_(l.logsumexp(2).t());
+    const auto l = chunk_log_densities(zc, t);
+    // One component: its log-density is the score (a log-sum-exp of one term costs an exp
+    // and a log per score, as much as the matrix products at small D).
+    out.narrow(1, r0, r).copy_(K == 1 ? l.t() : l.view({r, B, K}).logsumexp(2).t());
   }
   return out;
 }
