@@ -30,11 +30,12 @@ from .data import load_splits
 from .data.base import ClassImages, mix_seed
 from .data.sources import DATA_SOURCES, data_config
 from .nn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from .nn.fewshot import episode_accuracy
 from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
 from .nn.scorers import MIXTURE_DEFAULTS, SCORER_NAMES, display_name, make_scorer
 from .train import check_device, check_threads, default_threads
 
-__all__ = ["evaluate", "main", "confidence_interval"]
+__all__ = ["evaluate", "evaluate_fewshot", "main", "confidence_interval"]
 
 
 @dataclass
@@ -137,21 +138,12 @@ def evaluate(
         for nz in noise
     }
     for group in groups:
-        names = [group.scorer if s == "own" else s for s in scorers]
-        names = list(dict.fromkeys(names))  # keep order, drop repeats
+        names = _scorer_names(group, scorers)
         per_row = {name: {nz: [] for nz in noise} for name in names}
         for run, payload in enumerate(group.payloads):
-            model = model_from_checkpoint(payload).to(device).eval()
-            dtype = next(model.parameters()).dtype
-            desc = embed_all(model, test.images, dtype=dtype)
-            spec = payload["model"]
+            desc = _embed(payload, test, device)
             for name in names:
-                scorer = make_scorer(
-                    name,
-                    n_iter=spec.get("n_iter", MIXTURE_DEFAULTS.n_iter) if n_iter is None else n_iter,
-                    var_floor=spec.get("var_floor", MIXTURE_DEFAULTS.var_floor) if var_floor is None else var_floor,
-                    tol=spec.get("tol", MIXTURE_DEFAULTS.tol),
-                )
+                scorer = _scorer(name, payload, n_iter, var_floor)
                 for nz in noise:
                     maps = []
                     for s in range(seeds):
@@ -164,21 +156,104 @@ def evaluate(
                             example = _example(group.label, name, scores, ap, test, concepts, nz)
                     per_row[name][nz].append(maps)
         for name in names:
-            label = group.label if name == group.scorer else f"{display_name(name).split('-FT')[0].replace('S2M-', '')} on {group.label}"
-            cells = {}
-            for nz in noise:
-                raw = per_row[name][nz]
-                over_runs = len(raw) > 1
-                values = [sum(m) / len(m) for m in raw] if over_runs else raw[0]
-                lo, hi = confidence_interval(values)
-                cells[str(nz)] = {
-                    "map": sum(values) / len(values),
-                    "ci95": [lo, hi],
-                    "ci_over": f"{len(raw)} training runs" if over_runs else f"{len(values)} concept-set draws",
-                    "raw": raw,
-                }
-            rows.append({"label": label, "checkpoints": group.paths, "scorer": name, "trained_with": group.scorer, "noise": cells})
+            cells = {str(nz): _summary(per_row[name][nz], "map", "concept-set draws") for nz in noise}
+            rows.append({"label": _row_label(group, name), "checkpoints": group.paths, "scorer": name,
+                         "trained_with": group.scorer, "noise": cells})
     return {"rows": rows, "example": example}
+
+
+def _embed(payload: Dict[str, Any], test: ClassImages, device: str) -> torch.Tensor:
+    """Descriptors (M, D) of the test images under a checkpoint's embedding."""
+    model = model_from_checkpoint(payload).to(device).eval()
+    return embed_all(model, test.images, dtype=next(model.parameters()).dtype)
+
+
+def _scorer(name: str, payload: Dict[str, Any], n_iter: Optional[int], var_floor: Optional[float]):
+    """Scorer ``name`` with the checkpoint's mixture settings unless overridden."""
+    spec = payload["model"]
+    return make_scorer(
+        name,
+        n_iter=spec.get("n_iter", MIXTURE_DEFAULTS.n_iter) if n_iter is None else n_iter,
+        var_floor=spec.get("var_floor", MIXTURE_DEFAULTS.var_floor) if var_floor is None else var_floor,
+        tol=spec.get("tol", MIXTURE_DEFAULTS.tol),
+    )
+
+
+def _scorer_names(group: Group, scorers: Sequence[str]) -> List[str]:
+    return list(dict.fromkeys(group.scorer if s == "own" else s for s in scorers))  # keep order, drop repeats
+
+
+def _row_label(group: Group, name: str) -> str:
+    if name == group.scorer:
+        return group.label
+    return f"{display_name(name).split('-FT')[0].replace('S2M-', '')} on {group.label}"
+
+
+def _summary(raw: List[List[float]], key: str, draws: str) -> Dict[str, Any]:
+    """Mean and 95% interval of ``raw`` [run][draw]: over the runs' means when there are
+    several runs (training seeds), else over the draws of the one run."""
+    over_runs = len(raw) > 1
+    values = [sum(m) / len(m) for m in raw] if over_runs else raw[0]
+    lo, hi = confidence_interval(values)
+    return {key: sum(values) / len(values), "ci95": [lo, hi],
+            "ci_over": f"{len(raw)} training runs" if over_runs else f"{len(values)} {draws}", "raw": raw}
+
+
+def fewshot_setting(ways: int, shots: int) -> str:
+    return f"{ways}-way {shots}-shot"
+
+
+def evaluate_fewshot(
+    groups: List[Group],
+    test: ClassImages,
+    scorers: Sequence[str] = ("own",),
+    ways: Sequence[int] = (5, 20),
+    shots: Sequence[int] = (1, 5),
+    episodes: int = 100,
+    queries_per_class: int = 5,
+    n_iter: Optional[int] = None,
+    var_floor: Optional[float] = None,
+    device: str = "cpu",
+) -> Dict[str, Any]:
+    """Few-shot classification accuracy (:mod:`s2m_ext.nn.fewshot`) of every (group, scorer)
+    in every N-way K-shot setting, over ``episodes`` episodes drawn from the test classes
+    (the same episodes for every model).
+
+    Returns ``{"fewshot": [...]}``: a row per (group, scorer) with, per setting
+    (``"5-way 1-shot"``, ...), the mean accuracy, its 95% interval, what it is over and the
+    raw accuracies [run][episode]."""
+    rows: List[Dict[str, Any]] = []
+    settings = [(n, k) for n in ways for k in shots]
+    for group in groups:
+        names = _scorer_names(group, scorers)
+        per_row = {name: {st: [] for st in settings} for name in names}
+        for payload in group.payloads:
+            desc = _embed(payload, test, device)
+            for name in names:
+                scorer = _scorer(name, payload, n_iter, var_floor)
+                for n, k in settings:
+                    per_row[name][(n, k)].append([
+                        episode_accuracy(scorer, desc, test.labels, n, k, queries_per_class,
+                                         torch.Generator().manual_seed(mix_seed(e, n, k, 29)))
+                        for e in range(episodes)
+                    ])
+        for name in names:
+            cells = {fewshot_setting(n, k): _summary(per_row[name][(n, k)], "accuracy", "episodes") for n, k in settings}
+            rows.append({"label": _row_label(group, name), "checkpoints": group.paths, "scorer": name,
+                         "trained_with": group.scorer, "settings": cells})
+    return {"fewshot": rows}
+
+
+def format_fewshot_table(result: Dict[str, Any]) -> str:
+    settings = list(result["fewshot"][0]["settings"])
+    lines = [["model"] + [f"accuracy, {st}" for st in settings]]
+    for row in result["fewshot"]:
+        cells = [row["label"]]
+        for st in settings:
+            cell = row["settings"][st]
+            cells.append(f"{cell['accuracy']:.3f} [{cell['ci95'][0]:.3f}, {cell['ci95'][1]:.3f}]")
+        lines.append(cells)
+    return _markdown(lines)
 
 
 def _example(label: str, scorer: str, scores: torch.Tensor, ap: torch.Tensor, test: ClassImages, concepts: torch.Tensor,
@@ -260,6 +335,38 @@ def format_table(result: Dict[str, Any], noise: Sequence[float]) -> str:
     return _markdown(lines)
 
 
+def _interval_bars(ax, rows: List[Tuple[str, List[Dict[str, Any]]]], columns: List[str], key: str) -> None:
+    """Grouped bars with 95% intervals: per row (label, one cell per column), cell[key] and
+    cell["ci95"]."""
+    width = 0.8 / max(1, len(rows))
+    for i, (label, cells) in enumerate(rows):
+        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(columns))]
+        means = [c[key] for c in cells]
+        errs = [[m - c["ci95"][0] for m, c in zip(means, cells)], [c["ci95"][1] - m for m, c in zip(means, cells)]]
+        ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
+    ax.set_xticks(range(len(columns)), columns)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_ylim(0, 1)
+
+
+def write_fewshot_figure(result: Dict[str, Any], path: str) -> None:
+    """Accuracy per N-way K-shot setting (bars, 95% intervals), a bar per model."""
+    matplotlib = require("matplotlib", "train", "the figure (--png)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["fewshot"]
+    settings = list(rows[0]["settings"])
+    fig, ax = plt.subplots(figsize=(2.5 + 1.5 * len(settings), 4))
+    _interval_bars(ax, [(row["label"], [row["settings"][st] for st in settings]) for row in rows], settings, "accuracy")
+    ax.set_ylabel("accuracy (95% interval)")
+    ax.set_title("few-shot classification on held-out classes")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_figure(result: Dict[str, Any], test: ClassImages, noise: Sequence[float], path: str) -> None:
     """mAP per model and noise level (bars, 95% intervals) and a retrieval example."""
     matplotlib = require("matplotlib", "train", "the figure (--png)")
@@ -267,23 +374,14 @@ def write_figure(result: Dict[str, Any], test: ClassImages, noise: Sequence[floa
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    rows = result["rows"]
     ex = result["example"]
     fig = plt.figure(figsize=(13, 5.2))
     grid = fig.add_gridspec(3, 2, width_ratios=[1.0, 1.3])
     ax = fig.add_subplot(grid[:, 0])
-    width = 0.8 / max(1, len(rows))
-    for i, row in enumerate(rows):
-        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(noise))]
-        means = [row["noise"][str(nz)]["map"] for nz in noise]
-        errs = [[m - row["noise"][str(nz)]["ci95"][0] for m, nz in zip(means, noise)],
-                [row["noise"][str(nz)]["ci95"][1] - m for m, nz in zip(means, noise)]]
-        ax.bar(xs, means, width, yerr=errs, capsize=3, label=row["label"])
-    ax.set_xticks(range(len(noise)), [f"noise {nz:g}" for nz in noise])
+    _interval_bars(ax, [(row["label"], [row["noise"][str(nz)] for nz in noise]) for row in result["rows"]],
+                   [f"noise {nz:g}" for nz in noise], "map")
     ax.set_ylabel("mAP (95% interval)")
     ax.set_title("retrieval mAP on held-out classes")
-    ax.legend(fontsize=8, loc="upper right")
-    ax.set_ylim(0, 1)
 
     def strip(axis, indices, relevant, title):
         imgs = test.images[torch.tensor(indices)][:, 0].float() / 255.0
@@ -333,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--var-floor", type=float, default=None, help="variance floor (default: the checkpoint's)")
     p.add_argument("--compare-to", default=None, metavar="LABEL",
                    help="also print every row's mAP minus this row's, paired by run (training seed) and concept draw")
+    p.add_argument("--fewshot", action="store_true",
+                   help="few-shot classification (N-way K-shot episodes) instead of retrieval")
+    p.add_argument("--ways", nargs="+", type=int, default=[5, 20], help="--fewshot: classes per episode")
+    p.add_argument("--shots", nargs="+", type=int, default=[1, 5], help="--fewshot: support images per class")
+    p.add_argument("--episodes", type=int, default=100, help="--fewshot: episodes per setting and model")
+    p.add_argument("--queries-per-class", type=int, default=5, help="--fewshot: query images per class and episode")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--png", default=None, help="write the figure here")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -364,11 +468,18 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error(f"--scorers: unknown scorer {s!r}; expected 'own' or one of {', '.join(SCORER_NAMES)}")
     if args.seeds < 1 or args.concept_size < 1:
         parser.error("--seeds and --concept-size must be >= 1")
+    for flag in ("ways", "shots"):
+        if min(getattr(args, flag)) < 1:
+            parser.error(f"--{flag} must be >= 1")
+    if args.episodes < 1 or args.queries_per_class < 1:
+        parser.error("--episodes and --queries-per-class must be >= 1")
     try:
         groups = parse_groups(args.checkpoints)
         load_groups(groups)
         data_cfg = resolve_data(groups, args.data, args.data_root, args.test_classes)
         test = load_splits(data_cfg, which=(args.split,))[args.split]
+        if args.fewshot:
+            return _run_fewshot(args, groups, test, data_cfg)
         result = evaluate(groups, test, args.scorers, args.noise, args.concept_size, args.seeds,
                           args.n_iter, args.var_floor, args.device)
     except (FileNotFoundError, ValueError) as exc:  # CheckpointError is a ValueError
@@ -386,14 +497,32 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         except ValueError as exc:
             parser.exit(2, f"s2m-eval: error: {exc}\n")
         print(format_differences(result["paired"], args.noise))
+    _write_outputs(args, result, lambda path: write_figure(result, test, args.noise, path))
+    return 0
+
+
+def _run_fewshot(args: argparse.Namespace, groups: List[Group], test: ClassImages, data_cfg: Dict[str, Any]) -> int:
+    result = evaluate_fewshot(groups, test, args.scorers, args.ways, args.shots, args.episodes, args.queries_per_class,
+                              args.n_iter, args.var_floor, args.device)
+    result["settings"] = {
+        "data": data_cfg, "split": args.split, "n_classes": test.n_classes, "n_images": len(test),
+        "ways": args.ways, "shots": args.shots, "episodes": args.episodes, "queries_per_class": args.queries_per_class,
+    }
+    print(f"{args.split} split: {test.n_classes} classes, {len(test)} images; {args.episodes} episodes per setting, "
+          f"{args.queries_per_class} queries per class")
+    print(format_fewshot_table(result))
+    _write_outputs(args, result, lambda path: write_fewshot_figure(result, path))
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, result: Dict[str, Any], figure) -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.json}")
     if args.png:
-        write_figure(result, test, args.noise, args.png)
+        figure(args.png)
         print(f"wrote {args.png}")
-    return 0
 
 
 if __name__ == "__main__":
