@@ -1,8 +1,10 @@
-"""s2m-eval: the paper's retrieval protocol for trained checkpoints, scorers side by side.
+"""s2m-eval: the paper's protocols for trained checkpoints, scorers side by side: retrieval
+(the default) and few-shot classification (``--fewshot``, see :mod:`s2m_ext.nn.fewshot`).
 
     s2m-eval runs/gauss/last.pt runs/avg/last.pt --noise 0 0.3 --json r.json --png r.png
     s2m-eval S2M-Gauss=runs/g0/last.pt,runs/g1/last.pt AVG-FT=runs/a0/last.pt,runs/a1/last.pt
     s2m-eval runs/avg/last.pt --scorers avg nn gauss gmm2      # every scorer on one embedding
+    s2m-eval runs/gauss/last.pt --fewshot --ways 5 20 --shots 1 5 --episodes 100
 
 For every test class, a concept set of ``--concept-size`` of its images (with
 ``round(noise * n)`` of them replaced by images of other test classes) is fitted by the
@@ -413,7 +415,7 @@ def write_figure(result: Dict[str, Any], test: ClassImages, noise: Sequence[floa
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="s2m-eval",
-        description="Retrieval mAP of s2m-train checkpoints on held-out classes (the paper's protocol).",
+        description="Retrieval mAP (or, with --fewshot, few-shot accuracy) of s2m-train checkpoints on held-out classes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("checkpoints", nargs="+", metavar="[LABEL=]CKPT[,CKPT...]",
