@@ -33,7 +33,7 @@ from .data.base import ClassImages, mix_seed
 from .data.sources import DATA_SOURCES, data_config
 from .nn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .nn.fewshot import episode_accuracy
-from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
+from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts, sample_polysemous_concepts
 from .nn.scorers import MIXTURE_DEFAULTS, SCORER_NAMES, display_name, make_scorer
 from .train import check_device, check_threads, default_threads
 
@@ -127,18 +127,23 @@ def evaluate(
     n_iter: Optional[int] = None,
     var_floor: Optional[float] = None,
     device: str = "cpu",
+    polysemy: bool = False,
 ) -> Dict[str, Any]:
-    """mAP of every (group, scorer) at every noise level; see the module docstring.
+    """mAP of every (group, scorer) at every noise level; see the module docstring. With
+    ``polysemy`` every concept set is drawn from two classes, both relevant
+    (:func:`~s2m_ext.nn.retrieval.sample_polysemous_concepts`).
 
     Returns ``{"rows": [...], "example": {...}}``: a row per (group, scorer) with, per noise
     level, the mean, the 95% interval, what it is over, and the raw mAPs [run][seed]."""
     rows: List[Dict[str, Any]] = []
     example = None
-    concept_sets = {
-        (s, nz): sample_concepts(test.labels, concept_size, nz, torch.Generator().manual_seed(mix_seed(s, round(nz * 1000))))
-        for s in range(seeds)
-        for nz in noise
-    }
+    def draw(s: int, nz: float):
+        gen = torch.Generator().manual_seed(mix_seed(s, round(nz * 1000), *((31,) if polysemy else ())))
+        if polysemy:
+            return sample_polysemous_concepts(test.labels, concept_size, nz, gen)
+        return sample_concepts(test.labels, concept_size, nz, gen), None
+
+    concept_sets = {(s, nz): draw(s, nz) for s in range(seeds) for nz in noise}
     for group in groups:
         names = _scorer_names(group, scorers)
         per_row = {name: {nz: [] for nz in noise} for name in names}
@@ -149,13 +154,13 @@ def evaluate(
                 for nz in noise:
                     maps = []
                     for s in range(seeds):
-                        concepts = concept_sets[(s, nz)]
+                        concepts, partners = concept_sets[(s, nz)]
                         gen = torch.Generator().manual_seed(mix_seed(s, 17))
                         scores = retrieval_scores(scorer, desc, concepts.to(desc.device), gen).cpu()
-                        ap = retrieval_ap(scores, test.labels, concepts)
+                        ap = retrieval_ap(scores, test.labels, concepts, partners)
                         maps.append(float(ap.mean()))
                         if example is None and run == 0 and s == 0 and nz == max(noise):
-                            example = _example(group.label, name, scores, ap, test, concepts, nz)
+                            example = _example(group.label, name, scores, ap, test, concepts, nz, partners)
                     per_row[name][nz].append(maps)
         for name in names:
             cells = {str(nz): _summary(per_row[name][nz], "map", "concept-set draws") for nz in noise}
@@ -259,23 +264,25 @@ def format_fewshot_table(result: Dict[str, Any]) -> str:
 
 
 def _example(label: str, scorer: str, scores: torch.Tensor, ap: torch.Tensor, test: ClassImages, concepts: torch.Tensor,
-             noise: float, top: int = 20):
+             noise: float, partners: Optional[torch.Tensor] = None, top: int = 20):
     """A retrieval example for the figure: the concept set of the class with the median AP
     (a typical case) and its top-ranked items."""
     c = int(torch.argsort(ap)[len(ap) // 2])
     ranked = scores[c].clone()
     ranked[concepts[c]] = -math.inf
     order = torch.argsort(ranked, descending=True)[:top]
+    relevant = [c] if partners is None else [c, int(partners[c])]
+    is_relevant = lambda idx: torch.isin(test.labels[idx], torch.tensor(relevant)).tolist()  # noqa: E731
     return {
         "label": label,
         "scorer": scorer,
         "noise": noise,
-        "class": test.class_names[c],
+        "class": " + ".join(test.class_names[r] for r in relevant),
         "ap": float(ap[c]),
         "concept": concepts[c].tolist(),
-        "concept_relevant": (test.labels[concepts[c]] == c).tolist(),
+        "concept_relevant": is_relevant(concepts[c]),
         "top": order.tolist(),
-        "top_relevant": (test.labels[order] == c).tolist(),
+        "top_relevant": is_relevant(order),
     }
 
 
@@ -433,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--var-floor", type=float, default=None, help="variance floor (default: the checkpoint's)")
     p.add_argument("--compare-to", default=None, metavar="LABEL",
                    help="also print every row's mAP minus this row's, paired by run (training seed) and concept draw")
+    p.add_argument("--polysemy", action="store_true",
+                   help="two-class concept sets: each class with a random partner class, both relevant")
     p.add_argument("--fewshot", action="store_true",
                    help="few-shot classification (N-way K-shot episodes) instead of retrieval")
     p.add_argument("--ways", nargs="+", type=int, default=[5, 20], help="--fewshot: classes per episode")
@@ -483,14 +492,15 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.fewshot:
             return _run_fewshot(args, groups, test, data_cfg)
         result = evaluate(groups, test, args.scorers, args.noise, args.concept_size, args.seeds,
-                          args.n_iter, args.var_floor, args.device)
+                          args.n_iter, args.var_floor, args.device, polysemy=args.polysemy)
     except (FileNotFoundError, ValueError) as exc:  # CheckpointError is a ValueError
         parser.exit(2, f"s2m-eval: error: {exc}\n")
     result["settings"] = {
         "data": data_cfg, "split": args.split, "n_classes": test.n_classes, "n_images": len(test),
-        "concept_size": args.concept_size, "seeds": args.seeds, "noise": args.noise,
+        "concept_size": args.concept_size, "seeds": args.seeds, "noise": args.noise, "polysemy": args.polysemy,
     }
-    print(f"{args.split} split: {test.n_classes} classes, {len(test)} images; concept sets of {args.concept_size}; "
+    kind = "two-class concept sets" if args.polysemy else "concept sets"
+    print(f"{args.split} split: {test.n_classes} classes, {len(test)} images; {kind} of {args.concept_size}; "
           f"{args.seeds} draws per model")
     print(format_table(result, args.noise))
     if args.compare_to:

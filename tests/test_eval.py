@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from s2m_ext.eval import confidence_interval, main
-from s2m_ext.nn import AvgScorer, average_precision
+from s2m_ext.nn import AvgScorer, NNScorer, average_precision
 from s2m_ext.nn.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from s2m_ext.nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
+from s2m_ext.nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts, sample_polysemous_concepts
 from s2m_ext.train import TrainConfig, train
 
 
@@ -203,3 +203,50 @@ def test_eval_paired_differences(tmp_path, checkpoints, capsys):
     with pytest.raises(SystemExit):
         main([f"{checkpoints['avg']}", "--noise", "0", "--seeds", "1", "--compare-to", "S2M-Gauss"])
     assert "is not a row label" in capsys.readouterr().err
+
+
+def test_sample_polysemous_concepts_and_their_ap():
+    labels = torch.arange(6).repeat_interleave(7)
+    g = torch.Generator().manual_seed(torch.initial_seed())
+    concepts, partners = sample_polysemous_concepts(labels, 6, 1 / 3, g)
+    assert concepts.shape == (6, 6) and partners.shape == (6,)
+    for c in range(6):
+        p = int(partners[c])
+        assert p != c
+        got = labels[concepts[c]].tolist()
+        assert got[:2] == [c, c] and got[2:4] == [p, p], "c takes the larger half, then its partner"
+        assert not {c, p} & set(got[4:]), "the noisy images are of neither class"
+        assert len(set(concepts[c].tolist())) == 6
+    # One-hot descriptors: the nearest-neighbour model of a two-class concept scores both
+    # classes' remaining images 1 and the rest 0: AP 1 when both count as relevant. With the
+    # partner ignored, its images tie with the class's own and, ties going to the lower
+    # index, rank first for the last class (every partner of class 5 is a lower class).
+    desc = torch.nn.functional.one_hot(labels, 6).double()
+    clean, partners = sample_polysemous_concepts(labels, 4, 0.0, g)
+    scores = retrieval_scores(NNScorer(), desc, clean)
+    torch.testing.assert_close(retrieval_ap(scores, labels, clean, partners), torch.ones(6, dtype=torch.float64))
+    assert retrieval_ap(scores, labels, clean)[5] < 1
+    with pytest.raises(ValueError, match="needs >= 2 clean"):
+        sample_polysemous_concepts(labels, 3, 0.5, g)
+
+
+def test_eval_polysemy_by_hand(tmp_path, checkpoints, capsys):
+    main([f"{checkpoints['avg']}", "--polysemy", "--noise", "0", "--seeds", "1", "--json", str(tmp_path / "r.json")])
+    assert "two-class concept sets of 10" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["settings"]["polysemy"] is True
+    from s2m_ext.data import make_glyphs
+    from s2m_ext.data.base import mix_seed
+
+    model = model_from_checkpoint(load_checkpoint(checkpoints["avg"])).eval()
+    test = make_glyphs("test", 8, 20, 0)
+    concepts, partners = sample_polysemous_concepts(test.labels, 10, 0.0, torch.Generator().manual_seed(mix_seed(0, 0, 31)))
+    scores = retrieval_scores(model.scorer, embed_all(model, test.images), concepts)
+    sklearn = pytest.importorskip("sklearn.metrics")
+    aps = []
+    for c in range(concepts.shape[0]):
+        outside = torch.ones(len(test.labels), dtype=torch.bool)
+        outside[concepts[c]] = False
+        relevant = ((test.labels[outside] == c) | (test.labels[outside] == partners[c])).numpy()
+        aps.append(sklearn.average_precision_score(relevant, scores[c, outside].double().numpy()))
+    assert result["rows"][0]["noise"]["0.0"]["map"] == pytest.approx(sum(aps) / len(aps), abs=1e-12)

@@ -4,14 +4,15 @@ ranked by the concept's model, average precision per class, mean AP over classes
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .scorers import SetScorer
 
-__all__ = ["average_precision", "sample_concepts", "embed_all", "retrieval_scores", "retrieval_ap"]
+__all__ = ["average_precision", "sample_concepts", "sample_polysemous_concepts", "embed_all", "retrieval_scores",
+           "retrieval_ap"]
 
 
 def average_precision(scores: Tensor, relevant: Tensor, valid: Optional[Tensor] = None) -> Tensor:
@@ -69,6 +70,40 @@ def sample_concepts(labels: Tensor, concept_size: int, noise: float, generator: 
     return torch.stack(rows)
 
 
+def sample_polysemous_concepts(labels: Tensor, concept_size: int, noise: float,
+                               generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """One two-class concept set per class c: c and a partner class drawn uniformly among the
+    others share the clean images (c takes the larger half), and ``round(noise *
+    concept_size)`` images of neither class come last. Both classes are relevant.
+
+    Returns (concepts (C, concept_size) int64 indices into ``labels``, partners (C,) int64)."""
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"noise must be in [0, 1), got {noise}")
+    n_classes = int(labels.max()) + 1
+    if n_classes < (3 if noise > 0 else 2):
+        raise ValueError(f"polysemous concepts need {3 if noise > 0 else 2} classes or more, got {n_classes}")
+    n_noise = int(round(noise * concept_size))
+    n_clean = concept_size - n_noise
+    if n_clean < 2:
+        raise ValueError(f"a two-class concept set needs >= 2 clean images, got {n_clean} of {concept_size}")
+    shares = ((n_clean + 1) // 2, n_clean // 2)
+    rows, partners = [], []
+    for c in range(n_classes):
+        partner = int(torch.randint(n_classes - 1, (1,), generator=generator))
+        partner += partner >= c  # uniform over the other classes
+        clean = []
+        for cls, share in zip((c, partner), shares):
+            own = (labels == cls).nonzero().flatten()
+            if own.numel() <= share:
+                raise ValueError(f"class {cls} has {own.numel()} images: a share of {share} leaves none to retrieve")
+            clean.append(own[torch.randperm(own.numel(), generator=generator)[:share]])
+        others = ((labels != c) & (labels != partner)).nonzero().flatten()
+        noisy = others[torch.randperm(others.numel(), generator=generator)[:n_noise]]
+        rows.append(torch.cat([*clean, noisy]))
+        partners.append(partner)
+    return torch.stack(rows), torch.tensor(partners, dtype=torch.int64)
+
+
 @torch.no_grad()
 def embed_all(model, images: Tensor, batch_size: int = 512, dtype: torch.dtype = torch.float32) -> Tensor:
     """Descriptors (M, D) of uint8 or float images (M, C, H, W), embedded in chunks."""
@@ -89,12 +124,15 @@ def retrieval_scores(scorer: SetScorer, desc: Tensor, concepts: Tensor, generato
     return scorer.score_pool(state, desc)
 
 
-def retrieval_ap(scores: Tensor, labels: Tensor, concepts: Tensor) -> Tensor:
+def retrieval_ap(scores: Tensor, labels: Tensor, concepts: Tensor, partners: Optional[Tensor] = None) -> Tensor:
     """AP (C,) of each concept's ranking of all items outside its concept set; the relevant
-    items are the other images of class c (row c)."""
+    items are the other images of class c (row c), and of class ``partners[c]`` for
+    polysemous concepts (:func:`sample_polysemous_concepts`)."""
     n_classes = concepts.shape[0]
     classes = torch.arange(n_classes, device=labels.device)
     relevant = labels.unsqueeze(0) == classes.unsqueeze(1)
+    if partners is not None:
+        relevant |= labels.unsqueeze(0) == partners.to(labels.device).unsqueeze(1)
     valid = torch.ones_like(relevant)
     valid.scatter_(1, concepts.to(labels.device), False)
     return average_precision(scores.to(labels.device), relevant, valid)
