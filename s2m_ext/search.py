@@ -245,7 +245,10 @@ def topk_pool(
             V.check_finite(z, "pool")
             scores = ops.score_pool(z, *params)  # (B, rows)
             ids = torch.arange(offset, offset + z.shape[0], device=device).expand(B, -1)
-            values, indices = merge_topk(torch.cat([values, scores], 1), torch.cat([indices, ids], 1), k)
+            # The chunk's own top k first, then the merge with the running one: the
+            # concatenation is (B, 2k), not (B, k + rows).
+            chunk_v, chunk_i = merge_topk(scores, ids, k)
+            values, indices = merge_topk(torch.cat([values, chunk_v], 1), torch.cat([indices, chunk_i], 1), k)
         if distributed:
             values, indices = _merge_across_ranks(values, indices, sum(s.shape[0] for s in shards), k, group)
     return values, indices
