@@ -253,14 +253,8 @@ def evaluate_fewshot(
 
 def format_fewshot_table(result: Dict[str, Any]) -> str:
     settings = list(result["fewshot"][0]["settings"])
-    lines = [["model"] + [f"accuracy, {st}" for st in settings]]
-    for row in result["fewshot"]:
-        cells = [row["label"]]
-        for st in settings:
-            cell = row["settings"][st]
-            cells.append(f"{cell['accuracy']:.3f} [{cell['ci95'][0]:.3f}, {cell['ci95'][1]:.3f}]")
-        lines.append(cells)
-    return _markdown(lines)
+    return _interval_table([(row["label"], [row["settings"][st] for st in settings]) for row in result["fewshot"]],
+                           [f"accuracy, {st}" for st in settings], "accuracy")
 
 
 def _example(label: str, scorer: str, scores: torch.Tensor, ap: torch.Tensor, test: ClassImages, concepts: torch.Tensor,
@@ -331,17 +325,17 @@ def format_differences(diffs: List[Dict[str, Any]], noise: Sequence[float]) -> s
     return _markdown(lines)
 
 
-def format_table(result: Dict[str, Any], noise: Sequence[float]) -> str:
-    header = ["model"] + [f"mAP, noise {nz:g}" for nz in noise]
-    lines = [header]
-    for row in result["rows"]:
-        cells = [row["label"]]
-        for nz in noise:
-            cell = row["noise"][str(nz)]
-            lo, hi = cell["ci95"]
-            cells.append(f"{cell['map']:.3f} [{lo:.3f}, {hi:.3f}]")
-        lines.append(cells)
+def _interval_table(rows: List[Tuple[str, List[Dict[str, Any]]]], columns: List[str], key: str) -> str:
+    """Markdown table of ``cell[key] [ci95]`` per row (label, one cell per column)."""
+    lines = [["model"] + columns]
+    for label, cells in rows:
+        lines.append([label] + [f"{c[key]:.3f} [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]" for c in cells])
     return _markdown(lines)
+
+
+def format_table(result: Dict[str, Any], noise: Sequence[float]) -> str:
+    return _interval_table([(row["label"], [row["noise"][str(nz)] for nz in noise]) for row in result["rows"]],
+                           [f"mAP, noise {nz:g}" for nz in noise], "map")
 
 
 def _interval_bars(ax, rows: List[Tuple[str, List[Dict[str, Any]]]], columns: List[str], key: str) -> None:
