@@ -1,13 +1,11 @@
-"""pytest-benchmark plumbing for bench/: shared inputs per (shape, workload), s2m_ext's output
-for the agreement checks, and a terminal summary of median ratios to s2m_ext per group.
+"""Shared inputs of bench/'s tests per (shape, workload), and s2m_ext's output for the
+agreement checks.
 
-    pytest bench                              # timed (pytest-benchmark), then the ratio summary
-    pytest bench --benchmark-disable -q       # CI smoke: every contender runs once and is checked
+    pytest bench -m "not slow" -q             # CI smoke: every contender runs once and is checked
 """
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Tuple
 
 import pytest
@@ -18,9 +16,6 @@ from .workloads import Problem, Shape, make_problem
 
 _PROBLEMS: Dict[Tuple[Shape, str], Problem] = {}
 _BASELINE: Dict[Tuple[Shape, str], Output] = {}
-#: group -> contender -> median seconds (filled by tests that ran with timing enabled), or
-#: peak bytes for groups whose name ends in "memory"
-MEDIANS: Dict[str, Dict[str, float]] = {}
 
 
 def problem_for(shape: Shape, workload: str) -> Problem:
@@ -40,33 +35,7 @@ def baseline_output(shape: Shape, workload: str) -> Output:
     return _BASELINE[key]
 
 
-def record_median(benchmark, group: str, name: str) -> None:
-    """Keep the median of a timed benchmark for the ratio summary (nothing when disabled)."""
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        MEDIANS.setdefault(group, {})[name] = stats.stats.median
-
-
 @pytest.fixture(autouse=True)
 def _threads_and_seed():
     torch.manual_seed(0)
     yield
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not MEDIANS:
-        return
-    tr = terminalreporter
-    tr.section("s2m_ext ratios (median time of contender / median time of s2m_ext, same pytest run)")
-    for group, medians in sorted(MEDIANS.items()):
-        base = medians.get(BASELINE)
-        parts = []
-        for name, value in medians.items():
-            ratio = "" if base is None or name == BASELINE or not math.isfinite(value) else f" ({value / base:.3g}x)"
-            shown = f"{value / 1e6:.3g} MB" if group.endswith("memory") else f"{value * 1e3:.3g} ms"
-            parts.append(f"{name} {shown}{ratio}")
-        tr.write_line(f"{group}: " + ", ".join(parts))
-    from .test_targets import target_lines
-
-    for line in target_lines():
-        tr.write_line(line)

@@ -1,10 +1,10 @@
-"""The CUDA speed targets, timed with CUDA events (median of many), side by side.
+"""The CUDA speed targets, side by side, timed by CUDA events.
 
-    python bench/cuda_targets.py [--out results.json] [--quick] [--budget-s 240]
+    python -m bench.cuda_targets [--out results.json] [--quick] [--only fwd_bwd roofline pool]
 
 1. fwd_bwd   B=1024 N=64 D=128 K=4 T=10 float32, forward + backward to x:
              s2m_ext vs the reference under autograd (>= 50x) and torch.compile of the
-             reference (>= 10x). Contenders are timed in interleaved rounds.
+             reference (>= 10x).
 2. roofline  B=16384 N=256 D=256 K=8 T=10 float32 forward: time against the roofline bound
              max(FLOPs / FMA peak, bytes / copy bandwidth) (>= 50% of the bound's speed);
              formulas in bench/NOTES.md (CUDA section), measured copy bandwidth, FMA peak from
@@ -12,8 +12,12 @@
 3. pool      M=1,000,000 items x B=1000 mixtures, D=128, K=4, float32: < 50 ms and within 1e-4
              relative error of the direct float64 form (on a sample of rows).
 
-Prints a table and writes JSON with the device, torch version, date and every sample. Value
-checks of the public API are off while timing (they cost a host sync per call).
+The suite's one harness: inputs from ``workloads.make_problem`` (drawn on the GPU), the
+contenders of ``contenders.py`` with their output checks, and ``timing.side_by_side``'s
+interleaved rounds, here in one process with CUDA events as the clock (``python -m bench
+--device cuda`` runs every contender in a process of its own instead). Prints a table and
+writes JSON with the device, torch version, date and every sample. Value checks of the public
+API are off while timing (they cost a host sync per call).
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import datetime as _dt
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -32,55 +35,35 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import s2m_ext
-from s2m_ext import DiagGMM, reference
+from s2m_ext import reference
 
-try:  # the suite's FLOP and byte models (bench/NOTES.md), as a package or run as a script
-    from .workloads import Shape, compulsory_bytes
-    from .workloads import flops as model_flops
-except ImportError:
-    from workloads import Shape, compulsory_bytes
-    from workloads import flops as model_flops
+from .contenders import BASELINE, CONTENDERS, validity
+from .timing import Budget, Timing, time_in_process
+from .workloads import Shape, compulsory_bytes, make_problem
+from .workloads import flops as model_flops
 
-ops = s2m_ext.ops
-
-
-def cuda_time_ms(fn: Callable[[], object]) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+FWD_BWD = Shape(B=1024, N=64, D=128, K=4, T=10)
+ROOFLINE = Shape(B=16384, N=256, D=256, K=8, T=10)
+ROOFLINE_QUICK = ROOFLINE.replace(B=4096)
+POOL = Shape(B=1000, N=64, D=128, K=4, T=10, M=1_000_000)
+POOL_QUICK = POOL.replace(M=200_000)
 
 
-def side_by_side(calls: Dict[str, Callable[[], object]], reps: Dict[str, int], warmup: int = 2) -> Dict[str, List[float]]:
-    """Per-call milliseconds of each contender, timed in interleaved rounds (a rotating order)
-    after ``warmup`` calls each."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    torch.cuda.synchronize()
-    samples: Dict[str, List[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for rnd in range(max(reps.values())):
-        order = names[rnd % len(names):] + names[: rnd % len(names)]
-        for name in order:
-            if len(samples[name]) < reps[name]:
-                samples[name].append(cuda_time_ms(calls[name]))
-    return samples
+def _ms(timing: Timing) -> float:
+    return timing.median * 1e3
 
 
-def median(xs: List[float]) -> float:
-    return statistics.median(xs) if xs else math.nan
+def _samples_ms(timing: Timing) -> List[float]:
+    return [t * 1e3 for t in timing.samples]
 
 
 # ----------------------------------------------------------------------------- device ceilings
-def copy_bandwidth_gbs(n_bytes: int = 2 << 30, reps: int = 20) -> float:
-    """Device-to-device copy, counting bytes read plus bytes written, median of reps."""
+def copy_bandwidth_gbs(n_bytes: int = 2 << 30) -> float:
+    """Device-to-device copy, counting bytes read plus bytes written, median of the samples."""
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
-    times = side_by_side({"copy": lambda: dst.copy_(src)}, {"copy": reps})["copy"]
-    return 2 * n_bytes / (median(times) * 1e-3) / 1e9
+    timing = time_in_process({"copy": lambda: dst.copy_(src)}, Budget(2.0, 10, 20, 0.0), "cuda")["copy"]
+    return 2 * n_bytes / timing.median / 1e9
 
 
 def fp32_fma_peak_tflops() -> Dict[str, float]:
@@ -105,97 +88,64 @@ def fp32_fma_peak_tflops() -> Dict[str, float]:
     }
 
 
-# ----------------------------------------------------------------------------- problems
-def em_problem(B: int, N: int, D: int, K: int, dtype=torch.float32, seed: int = 0):
-    """Clustered points, positive weights, means at data points, the set's variance."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    centres = 3.0 * torch.randn(B, K, D, generator=g, device="cuda", dtype=dtype)
-    labels = torch.randint(0, K, (B, N), generator=g, device="cuda")
-    x = centres.gather(1, labels.unsqueeze(-1).expand(B, N, D))
-    x += torch.randn(B, N, D, generator=g, device="cuda", dtype=dtype)
-    w = 0.5 + torch.rand(B, N, generator=g, device="cuda", dtype=dtype)
-    idx = torch.randint(0, N, (B, K), generator=g, device="cuda")
-    means = x.gather(1, idx.unsqueeze(-1).expand(B, K, D)).clone()
-    variances = (x.var(1, keepdim=True) + 1e-3).expand(B, K, D).contiguous()
-    log_weights = torch.full((B, K), -math.log(K), device="cuda", dtype=dtype)
-    return x, w, (log_weights, means, variances)
-
-
 # ----------------------------------------------------------------------------- targets
-def target_fwd_bwd(quick: bool, log) -> Dict[str, object]:
-    B, N, D, K, T = 1024, 64, 128, 4, 10
-    x, w, init = em_problem(B, N, D, K)
-    floor = 1e-3
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    up = [torch.randn(t.shape, generator=gen, device="cuda") for t in init]
-
-    def loss_of(lw, mu, var):
-        return (lw * up[0]).sum() + (mu * up[1]).sum() + (var * up[2]).sum()
-
-    def s2m_step():
-        xr = x.detach().requires_grad_()
-        gmm = s2m_ext.fit_gmm(xr, w, init=DiagGMM(*init), n_iter=T, var_floor=floor)
-        loss_of(*gmm.params()).backward()
-
-    def ref_fit(xr, w, lw, mu, var):
-        return reference.em_fit(xr, w, lw, mu, var, T, floor)[:3]
-
-    compiled_fit = torch.compile(ref_fit)
-
-    def ref_step(fit=ref_fit):
-        xr = x.detach().requires_grad_()
-        loss_of(*fit(xr, w, *init)).backward()
-
-    # Correctness of what is timed: the same gradient from all three (float32).
-    grads = {}
-    for name, fn in (("s2m", None), ("reference", ref_fit)):
-        xr = x.detach().requires_grad_()
-        out = s2m_ext.fit_gmm(xr, w, init=DiagGMM(*init), n_iter=T, var_floor=floor).params() if fn is None else fn(xr, w, *init)
-        loss_of(*out).backward()
-        grads[name] = xr.grad
-    agree = ((grads["s2m"] - grads["reference"]).abs().max() / grads["reference"].abs().max()).item()
-    calls = {"s2m_ext": s2m_step, "reference": ref_step}
+def target_fwd_bwd(quick: bool, log: Callable[[str], None], device: str = "cuda",
+                   shape: Shape = FWD_BWD, compiled: bool = True) -> Dict[str, object]:
+    """s2m_ext's forward + backward against the reference, eager and (``compiled``) compiled."""
+    problem = make_problem(shape, "fwd_bwd", device, draw_on=device)
+    prepared = {name: CONTENDERS[name].prepare(problem, "fwd_bwd") for name in (BASELINE, "reference")}
+    compiled_out = None
     t0 = time.perf_counter()
     try:
-        ref_step(compiled_fit)  # compile outside the timing
-        calls["reference_compiled"] = lambda: ref_step(compiled_fit)
-        log(f"fwd_bwd: torch.compile of the reference took {time.perf_counter() - t0:.0f} s")
+        if compiled:
+            prepared["reference_compiled"] = CONTENDERS["compiled"].prepare(problem, "fwd_bwd")
+            compiled_out = prepared["reference_compiled"].call()  # compiles, outside the timing
+            log(f"fwd_bwd: torch.compile of the reference took {time.perf_counter() - t0:.0f} s")
     except Exception as exc:  # noqa: BLE001 - reported
+        prepared.pop("reference_compiled", None)
         log(f"fwd_bwd: torch.compile of the reference failed: {exc!r}")
-    reps = {"s2m_ext": 10 if quick else 50, "reference": 5 if quick else 15, "reference_compiled": 5 if quick else 25}
-    samples = side_by_side(calls, {k: reps[k] for k in calls})
-    med = {k: median(v) for k, v in samples.items()}
+    # What is timed computes the same gradient (the suite's output check, float32).
+    expected = prepared[BASELINE].extract(prepared[BASELINE].call())
+    checks = {}
+    for name, p in prepared.items():
+        if name != BASELINE:
+            raw = compiled_out if name == "reference_compiled" else p.call()
+            ok, note, err = validity(CONTENDERS["compiled" if name == "reference_compiled" else name], expected, p.extract(raw))
+            checks[name] = {"ok": ok, "rel_err_vs_s2m_ext": err, "note": note}
+    budget = Budget(3.0, 5, 10, 0.0) if quick else Budget(10.0, 15, 50, 0.0)
+    timings = time_in_process({name: p.call for name, p in prepared.items()}, budget, device)
+    med = {name: _ms(t) for name, t in timings.items()}
     res = {
-        "shape": dict(B=B, N=N, D=D, K=K, T=T, dtype="float32"),
+        "shape": dict(shape.as_dict(), dtype="float32"),
         "median_ms": med,
-        "samples_ms": samples,
-        "grad_rel_diff_s2m_vs_reference": agree,
-        "speedup_vs_reference": med["reference"] / med["s2m_ext"],
-        "speedup_vs_compiled": med.get("reference_compiled", math.nan) / med["s2m_ext"],
+        "samples_ms": {name: _samples_ms(t) for name, t in timings.items()},
+        "checks": checks,
+        "grad_rel_diff_s2m_vs_reference": checks["reference"]["rel_err_vs_s2m_ext"],
+        "speedup_vs_reference": med["reference"] / med[BASELINE],
+        "speedup_vs_compiled": med.get("reference_compiled", math.nan) / med[BASELINE],
     }
-    res["pass"] = bool(res["speedup_vs_reference"] >= 50 and res["speedup_vs_compiled"] >= 10)
+    res["pass"] = bool(res["speedup_vs_reference"] >= 50 and res["speedup_vs_compiled"] >= 10
+                       and all(c["ok"] for c in checks.values()))
     return res
 
 
-def target_roofline(quick: bool, log, copy_gbs: float, peak: Dict[str, float]) -> Dict[str, object]:
-    B, N, D, K, T = (4096 if quick else 16384), 256, 256, 8, 10
-    x, w, init = em_problem(B, N, D, K)
-    floor = 1e-3
-
-    def forward():
-        ops.em_fit(x, w, *init, T, floor, 0.0, False)
-
-    samples = side_by_side({"s2m_ext": forward}, {"s2m_ext": 5 if quick else 15}, warmup=1)["s2m_ext"]
-    t = median(samples) * 1e-3
-    shape = Shape(B=B, N=N, D=D, K=K, T=T)
+def target_roofline(quick: bool, log: Callable[[str], None], copy_gbs: float, peak: Dict[str, float],
+                    device: str = "cuda", shape: Optional[Shape] = None) -> Dict[str, object]:
+    """s2m_ext's forward at GPU scale against the roofline bound of its FLOP and byte models."""
+    shape = shape or (ROOFLINE_QUICK if quick else ROOFLINE)
+    problem = make_problem(shape, "forward", device, draw_on=device)
+    forward = CONTENDERS[BASELINE].prepare(problem, "forward")
+    repeats = 5 if quick else 15
+    timing = time_in_process({BASELINE: forward.call}, Budget(3.0, repeats, repeats, 0.0), device, warmup=1)[BASELINE]
+    t = timing.median
     flops, n_bytes = model_flops("forward", shape), compulsory_bytes("forward", shape)
     t_flop = flops / (peak["tflops"] * 1e12)
     t_byte = n_bytes / (copy_gbs * 1e9)
     bound = max(t_flop, t_byte)
     res = {
-        "shape": dict(B=B, N=N, D=D, K=K, T=T, dtype="float32"),
+        "shape": dict(shape.as_dict(), dtype="float32"),
         "median_ms": t * 1e3,
-        "samples_ms": samples,
+        "samples_ms": _samples_ms(timing),
         "flops": flops,
         "bytes": n_bytes,
         "bound_ms": bound * 1e3,
@@ -207,28 +157,28 @@ def target_roofline(quick: bool, log, copy_gbs: float, peak: Dict[str, float]) -
     return res
 
 
-def target_pool(quick: bool, log) -> Dict[str, object]:
-    M, B, D, K = (200_000 if quick else 1_000_000), 1000, 128, 4
-    g = torch.Generator(device="cuda").manual_seed(2)
-    lw = torch.log_softmax(torch.randn(B, K, generator=g, device="cuda"), 1)
-    mu = 2.0 * torch.randn(B, K, D, generator=g, device="cuda")
-    var = 0.5 + torch.rand(B, K, D, generator=g, device="cuda")
-    # Pool items near the components (small Mahalanobis distances: the hard case for accuracy).
-    pick = torch.randint(0, B * K, (M,), generator=g, device="cuda")
-    z = mu.reshape(B * K, D)[pick] + var.reshape(B * K, D)[pick].sqrt() * torch.randn(M, D, generator=g, device="cuda")
-    out = ops.score_pool(z, lw, mu, var)
-    rows = torch.randperm(M, generator=g, device="cuda")[:2000]
-    ref = reference.log_prob_pool(z[rows].double(), lw.double(), mu.double(), var.double())
+def target_pool(quick: bool, log: Callable[[str], None], device: str = "cuda",
+                shape: Optional[Shape] = None) -> Dict[str, object]:
+    """Pool scoring of M items by B fitted mixtures: time, and accuracy against float64."""
+    shape = shape or (POOL_QUICK if quick else POOL)
+    problem = make_problem(shape, "pool", device, draw_on=device)
+    score = CONTENDERS[BASELINE].prepare(problem, "pool")
+    out = score.call()
+    rows = torch.randperm(shape.M, generator=torch.Generator().manual_seed(2))[:2000].to(device)
+    model64 = [t.double() for t in problem.pool_model]
+    ref = reference.log_prob_pool(problem.pool_z[rows].double(), *model64)
     rel = ((out[:, rows].double() - ref).abs().max() / ref.abs().max()).item()
     del out
-    samples = side_by_side({"s2m_ext": lambda: ops.score_pool(z, lw, mu, var)}, {"s2m_ext": 5 if quick else 20}, warmup=1)["s2m_ext"]
+    repeats = 5 if quick else 20
+    timing = time_in_process({BASELINE: score.call}, Budget(3.0, repeats, repeats, 0.0), device, warmup=1)[BASELINE]
+    pool_flops = model_flops("pool", shape)
     res = {
-        "shape": dict(M=M, B=B, D=D, K=K, dtype="float32"),
-        "median_ms": median(samples),
-        "samples_ms": samples,
+        "shape": dict(shape.as_dict(), dtype="float32"),
+        "median_ms": _ms(timing),
+        "samples_ms": _samples_ms(timing),
         "rel_error_vs_float64_direct": rel,
-        "flops": 4.0 * M * B * K * D,
-        "achieved_tflops": 4.0 * M * B * K * D / (median(samples) * 1e-3) / 1e12,
+        "flops": pool_flops,
+        "achieved_tflops": pool_flops / timing.median / 1e12,
     }
     res["pass"] = bool(res["median_ms"] < 50 and rel <= 1e-4 and not quick)
     return res

@@ -9,8 +9,8 @@
 # Usage, as the whole device command from the repository root:   bash bench/gpu_check.sh [DIR]
 # Stages, each under a time cap (a stage that would start too close to the deadline is skipped
 # and reported as such): build (FORCE_CUDA=1, sm_90), pytest (the CUDA tests), sanitize
-# (compute-sanitizer memcheck, racecheck, synccheck and initcheck on bench/gpu_check_ops.py,
-# which runs every op in every EM placement), targets (bench/cuda_targets.py) and ncu (one
+# (compute-sanitizer memcheck, racecheck, synccheck and initcheck on python -m bench.gpu_check_ops,
+# which runs every op in every EM placement), targets (python -m bench.cuda_targets) and ncu (one
 # Nsight Compute report of em_forward at B=16384 N=256 D=256 K=8: speed of light, occupancy,
 # warp stall reasons). GPU_CHECK_BUDGET_S (default 350) is the whole run's budget;
 # GPU_CHECK_STAGES (default "build pytest sanitize targets ncu"; "suite" adds the benchmark
@@ -112,14 +112,14 @@ if (( built )) && wants sanitize; then
       extra=()
       [[ $tool == racecheck ]] && extra=(--racecheck-report hazard)
       stage "sanitize-$tool" 30 "$OUT/sanitizer.log" "$SANITIZER" --tool "$tool" --error-exitcode 3 \
-        --print-limit 30 "${extra[@]}" "$PY" bench/gpu_check_ops.py
+        --print-limit 30 "${extra[@]}" "$PY" -m bench.gpu_check_ops
     done
   fi
 fi
 
 # --------------------------------------------------------------------------- benchmarks
 if (( built )) && wants targets; then
-  stage targets 80 "$OUT/cuda_targets.log" "$PY" bench/cuda_targets.py --out "$OUT/cuda_targets.json"
+  stage targets 80 "$OUT/cuda_targets.log" "$PY" -m bench.cuda_targets --out "$OUT/cuda_targets.json"
 fi
 if (( built )) && wants ncu; then
   NCU="$(command -v ncu || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/ncu 2>/dev/null || true)"
@@ -130,7 +130,7 @@ if (( built )) && wants ncu; then
     stage ncu 40 "$OUT/ncu_em_forward.txt" "$NCU" --kernel-name regex:em_forward_kernel \
       --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
       --section WarpStateStats --section SchedulerStats --export "$OUT/ncu_em_forward" \
-      --force-overwrite --print-summary none "$PY" bench/gpu_check_ops.py --profile-em-forward &&
+      --force-overwrite --print-summary none "$PY" -m bench.gpu_check_ops --profile-em-forward &&
       "$NCU" --import "$OUT/ncu_em_forward.ncu-rep" --page details >>"$OUT/ncu_em_forward.txt" 2>&1
   fi
 fi

@@ -3,8 +3,8 @@
 compute-sanitizer (memcheck, racecheck, synccheck, initcheck), small because the sanitizers
 slow kernels 10-100x.
 
-    python bench/gpu_check_ops.py                        # prints "gpu_check_ops: ok", exits 0
-    python bench/gpu_check_ops.py --profile-em-forward   # one em_forward at the large shape
+    python -m bench.gpu_check_ops                        # prints "gpu_check_ops: ok", exits 0
+    python -m bench.gpu_check_ops --profile-em-forward   # one em_forward at the large shape
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import os
 import sys
 
 import torch
-from cuda_targets import em_problem
 
 import s2m_ext
+
+from .cuda_targets import ROOFLINE
+from .workloads import Shape, make_problem
 
 ops = s2m_ext.ops
 
@@ -40,8 +42,10 @@ def run_all(dtype: torch.dtype) -> set:
     """Every op on every shape, in every placement; returns the placements seen."""
     seen = set()
     for B, N, D, K in SHAPES:
-        x, w, init = em_problem(B, N, D, K, dtype=torch.float64)
-        x, w, init = x.to(dtype), w.to(dtype), [t.to(dtype) for t in init]
+        problem = make_problem(Shape(B=B, N=N, D=D, K=K), "forward", "cuda", dtype=torch.float64, draw_on="cuda")
+        # Weights other than all ones, so the weighted sums are exercised.
+        w = 0.5 + torch.rand(B, N, device="cuda", dtype=torch.float64)
+        x, w, init = problem.x.to(dtype), w.to(dtype), [t.to(dtype) for t in problem.init]
         fit_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         for key, cap in placement_caps(N, D, K, fit_dtype).items():
             os.environ["S2M_CUDA_MAX_SMEM"] = str(cap)
@@ -65,7 +69,8 @@ def run_all(dtype: torch.dtype) -> set:
 def profile_em_forward() -> int:
     """One em_forward at the large benchmark shape (float32, B=16384 N=256 D=256 K=8, T=10, no
     trajectory): the launch that bench/gpu_check.sh profiles with Nsight Compute."""
-    x, w, init = em_problem(16384, 256, 256, 8)
+    problem = make_problem(ROOFLINE, "forward", "cuda", draw_on="cuda")
+    x, w, init = problem.x, problem.weights, problem.init
     torch.cuda.synchronize()
     ops.em_fit(x, w, *init, 10, 1e-3, 0.0, False)
     torch.cuda.synchronize()

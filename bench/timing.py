@@ -131,6 +131,38 @@ def local_sampler(call: Callable[[], object], device: str) -> Sampler:
     return lambda number: time_calls_cpu(call, number, device)
 
 
+def cuda_event_sampler(call: Callable[[], object]) -> Sampler:
+    """Time ``call`` in this process by the GPU's clock: the elapsed time between CUDA events
+    recorded before and after ``number`` back-to-back calls (no host-side launch gaps between
+    samples are counted). CPU and system times are not meaningful here: NaN."""
+
+    def sample(number: int) -> Tuple[float, float, float]:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(number):
+            call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3 / number, math.nan, math.nan
+
+    return sample
+
+
+def time_in_process(calls: Dict[str, Callable[[], object]], budget: Budget, device: str,
+                    warmup: int = 2) -> Dict[str, Timing]:
+    """Time every call side by side in this process (:func:`side_by_side`), after ``warmup``
+    calls each: by CUDA events on a GPU, by the wall clock elsewhere. The first timed call
+    of each sets its number of calls per sample and its repeats."""
+    make = cuda_event_sampler if device == "cuda" else (lambda call: local_sampler(call, device))
+    samplers = {name: make(call) for name, call in calls.items()}
+    first_call_s = {}
+    for name, call in calls.items():
+        for _ in range(warmup):
+            call()
+        first_call_s[name] = samplers[name](1)[0]
+    return side_by_side(samplers, first_call_s, budget)
+
+
 def side_by_side(samplers: Dict[str, Sampler], first_call_s: Dict[str, float], budget: Budget) -> Dict[str, Timing]:
     """Time every contender in interleaved rounds. ``samplers[name](number)`` runs ``number``
     calls and returns per-call (wall, CPU, system) seconds, here or in the contender's own

@@ -147,28 +147,33 @@ def make_problem(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    draw_on: str | torch.device = "cpu",
 ) -> Problem:
     """Seeded inputs for ``workload`` at ``shape``.
 
     Points are drawn from K well-separated clusters per set (centres N(0, 0.5^2 I), unit
     noise), like descriptors of a polysemous concept, so that EM is well conditioned and
-    float32 contenders agree with each other to rounding (which the suite checks)."""
+    float32 contenders agree with each other to rounding (which the suite checks).
+
+    ``draw_on``: where the random draws are made, in the target dtype (no float64 copy of
+    GPU-scale inputs), before the move to ``device``. The default, the CPU, gives the same
+    inputs on every device; ``draw_on=device`` on a GPU skips seconds of CPU sampling at
+    the largest shapes (other numbers, the same distribution)."""
     import s2m_ext
 
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(seed)
+    device, draw_on = torch.device(device), torch.device(draw_on)
+    gen = torch.Generator(device=draw_on).manual_seed(seed)
     B, N, D, K = shape.B, shape.N, shape.D, shape.K
-    # Drawn on the CPU in the target dtype (no float64 copy of GPU-scale inputs), then moved.
-    centres = 0.5 * torch.randn(B, K, D, generator=gen, dtype=dtype)
-    labels = torch.randint(0, K, (B, N), generator=gen)
-    x_cpu = torch.gather(centres, 1, labels.unsqueeze(-1).expand(B, N, D))
-    x_cpu += torch.randn(B, N, D, generator=gen, dtype=dtype)
-    x = x_cpu.to(device).contiguous()
+    centres = 0.5 * torch.randn(B, K, D, generator=gen, dtype=dtype, device=draw_on)
+    labels = torch.randint(0, K, (B, N), generator=gen, device=draw_on)
+    x_drawn = torch.gather(centres, 1, labels.unsqueeze(-1).expand(B, N, D))
+    x_drawn += torch.randn(B, N, D, generator=gen, dtype=dtype, device=draw_on)
+    x = x_drawn.to(device).contiguous()
     weights = torch.ones(B, N, device=device, dtype=dtype)
     # n_iter=0: the k-means++ initial parameters themselves.
     init = s2m_ext.fit_gmm(x, weights, n_components=K, n_iter=0, var_floor=VAR_FLOOR, generator=gen).params()
     init = tuple(t.contiguous() for t in init)
-    cot = tuple(torch.randn(t.shape, generator=gen, dtype=dtype).to(device) for t in init)
+    cot = tuple(torch.randn(t.shape, generator=gen, dtype=dtype, device=draw_on).to(device) for t in init)
     problem = Problem(shape, device, dtype, x, weights, init, cot)
     # Its own generator: the inputs above do not depend on how many sets are checked.
     pick = torch.randperm(B, generator=torch.Generator().manual_seed(seed + 1))[:CHECK_SETS]
@@ -180,8 +185,8 @@ def make_problem(
             )
         problem.pool_model = tuple(t.contiguous() for t in fitted.params())
         # Pool items: points of random sets plus noise, so that scores are in a realistic range.
-        src = x_cpu.reshape(B * N, D)[torch.randint(0, B * N, (shape.M,), generator=gen)]
-        z = src + 0.5 * torch.randn(shape.M, D, generator=gen, dtype=dtype)
+        src = x_drawn.reshape(B * N, D)[torch.randint(0, B * N, (shape.M,), generator=gen, device=draw_on)]
+        z = src + 0.5 * torch.randn(shape.M, D, generator=gen, dtype=dtype, device=draw_on)
         problem.pool_z = z.to(device).contiguous()
         # x, init and cotangents are not needed to score: drop them to keep memory honest.
         problem.x = x.new_empty(0, N, D)  # (a view would keep x's storage alive)
