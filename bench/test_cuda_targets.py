@@ -1,6 +1,6 @@
 """The CUDA targets' code path, run on the CPU at small shapes (the harness, inputs, output
-checks and result records are the same; only the clock differs): a GPU session must not be
-the first to execute it."""
+checks and result records are the same; only the clock differs), so that a run on a GPU is
+not the first to execute it."""
 
 from __future__ import annotations
 
