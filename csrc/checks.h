@@ -201,6 +201,23 @@ inline MixtureSizes check_pool_args(const at::Tensor& z, const at::Tensor& log_w
   return m;
 }
 
+// s2m::score_pool_topk: the running top k of every mixture, values (B, n) like z and
+// indices (B, n) int64 on z's device, n <= k.
+inline void check_topk_state(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& z,
+                             int64_t batch, int64_t k) {
+  TORCH_CHECK_VALUE(k >= 1, "k must be >= 1, got ", k);
+  check_dim(values, "values", 2, "(B, n)");
+  check_like(values, "values", z, "z");
+  check_size(values, "values", 0, batch, "the batch size B of the mixtures");
+  TORCH_CHECK_VALUE(values.size(1) <= k, "values must hold at most k = ", k, " columns, got ", values.size(1));
+  check_dim(indices, "indices", 2, "(B, n)");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices must be int64, got ", indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.device() == z.device(), "indices must be on the device of z (", z.device(),
+                    "), got ", indices.device());
+  TORCH_CHECK_VALUE(indices.sizes() == values.sizes(), "indices must have the shape of values ",
+                    values.sizes(), ", got ", indices.sizes());
+}
+
 // The upstream gradient of a scoring op: (rows, cols) like z.
 inline void check_score_grad(const at::Tensor& grad, const at::Tensor& z, int64_t rows,
                              int64_t cols, const char* shape) {

@@ -36,6 +36,12 @@ TORCH_LIBRARY(s2m, m) {
   m.def(
       "score_pool_backward(Tensor grad, Tensor z, Tensor log_weights, Tensor means, "
       "Tensor variances) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The pool rows z (M,D), items offset..offset+M-1, merged into the running top k of every
+  // mixture, values/indices (B,n) with n <= k: the best min(k, n+M) of each row by score
+  // descending, ties by the lower index. No gradient (a search).
+  m.def(
+      "score_pool_topk(Tensor z, Tensor log_weights, Tensor means, Tensor variances, Tensor values, "
+      "Tensor indices, int offset, int k) -> (Tensor, Tensor)");
   // k-means++ seeding: indices (B,K) of the chosen points, from uniforms (B,K) in [0,1).
   m.def("kmeanspp(Tensor x, Tensor weights, Tensor uniforms) -> Tensor");
   // em_fit without a trajectory, differentiated implicitly at the fixed point it reached: the

@@ -77,6 +77,12 @@ def _score_pool_fake(z, log_weights, means, variances):
     return z.new_empty(log_weights.shape[0], z.shape[0])
 
 
+@torch.library.register_fake("s2m::score_pool_topk")
+def _score_pool_topk_fake(z, log_weights, means, variances, values, indices, offset, k):
+    width = min(k, values.shape[1] + z.shape[0])
+    return values.new_empty(values.shape[0], width), indices.new_empty(indices.shape[0], width)
+
+
 def _score_backward_fake(grad, z, log_weights, means, variances):
     return (torch.empty_like(z), torch.empty_like(log_weights), torch.empty_like(means), torch.empty_like(variances))
 

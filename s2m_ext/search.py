@@ -17,6 +17,7 @@ the global numbering, and the per-rank top-k are merged with an all_gather.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import threading
@@ -205,10 +206,10 @@ def topk_pool(
     Returns:
         (values, indices), each (B, min(k, M)): values are ``log_prob_pool`` scores, sorted
         descending, ties broken by the lower index; indices (int64) number the items of the
-        whole pool. Each chunk is scored by the same op as ``log_prob_pool``, so scores and
-        ranking are those of ``torch.topk(gmm.log_prob_pool(pool), k)`` (with ties ordered by
-        index), up to the op's rounding differing between pool sizes, which the BLAS
-        libraries in use do not show.
+        whole pool. Chunks are scored by the expansion of ``log_prob_pool`` (on the CPU fused
+        with the top k: ``s2m::score_pool_topk``), so scores and ranking are those of
+        ``torch.topk(gmm.log_prob_pool(pool), k)`` (with ties ordered by index), up to the
+        matrix products' rounding differing between block shapes.
 
     There is no gradient: this is a search, not a training op. Inputs that require grad
     while grad mode is on raise a ValueError; call it under ``torch.no_grad()``.
@@ -243,7 +244,14 @@ def topk_pool(
     with torch.no_grad(), contextlib.closing(chunks):
         for offset, z in chunks:
             V.check_finite(z, "pool")
+            if device.type == "cpu":
+                # Scoring fused with the running top k, block by block (csrc/cpu/score_pool_cpu.cpp).
+                values, indices = ops.score_pool_topk(z, *params, values, indices, offset, k)
+                continue
             scores = ops.score_pool(z, *params)  # (B, rows)
+            if values.shape[1] == k:
+                values, indices = _merge_above(values, indices, scores, offset, k)
+                continue
             ids = torch.arange(offset, offset + z.shape[0], device=device).expand(B, -1)
             # The chunk's own top k first, then the merge with the running one: the
             # concatenation is (B, 2k), not (B, k + rows).
@@ -252,6 +260,28 @@ def topk_pool(
         if distributed:
             values, indices = _merge_across_ranks(values, indices, sum(s.shape[0] for s in shards), k, group)
     return values, indices
+
+
+def _merge_above(values: Tensor, indices: Tensor, scores: Tensor, offset: int, k: int) -> Tuple[Tensor, Tensor]:
+    """Merge a chunk's scores (B, rows), items ``offset``.. on, into a full running top k
+    (values (B, k) sorted descending). Only items scoring strictly above a row's k-th value
+    can enter: one tied with it has a higher index than every item seen, so it loses the tie.
+    After the first chunks few items pass, so the cost is one comparison per score instead
+    of a selection over the chunk."""
+    above = scores > values[:, -1:]
+    counts = above.sum(1)
+    width = int(counts.max())
+    if width == 0:
+        return values, indices
+    row, col = above.nonzero(as_tuple=True)  # row-major: each row's candidates in order
+    slot = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[row]
+    # Padding scores -inf with the largest index: it never beats a running entry (each of
+    # which is >= -inf with a lower index), so k real candidates are always kept first.
+    cand_v = torch.full((values.shape[0], width), -math.inf, dtype=values.dtype, device=values.device)
+    cand_i = torch.full((values.shape[0], width), torch.iinfo(torch.int64).max, dtype=torch.long, device=values.device)
+    cand_v[row, slot] = scores[row, col]
+    cand_i[row, slot] = col + offset
+    return merge_topk(torch.cat([values, cand_v], 1), torch.cat([indices, cand_i], 1), k)
 
 
 def _merge_across_ranks(values: Tensor, indices: Tensor, local_m: int, k: int, group) -> Tuple[Tensor, Tensor]:

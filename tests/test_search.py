@@ -328,3 +328,109 @@ def test_index_and_search_programs_end_to_end(tmp_path):
         assert r.returncode == 2 and flag in r.stderr, r.stderr
     r = _run("s2m_ext.index", "--checkpoint", ckpt, "--images", tmp_path / "missing", "--out", index)
     assert r.returncode == 2 and "--images" in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- the CPU op
+def _op_reference(z, gmm, values, indices, offset, k):
+    """score_pool_topk by definition: the running entries and the chunk's scores, ordered by
+    (score descending, index ascending), the first min(k, n + M)."""
+    scores = gmm.log_prob_pool(z)
+    ids = torch.arange(offset, offset + z.shape[0]).expand(gmm.batch_size, -1)
+    all_v, all_i = torch.cat([values, scores], 1), torch.cat([indices, ids], 1)
+    order = torch.argsort(all_i, dim=1)  # index ascending, then a stable sort by score
+    all_v, all_i = all_v.gather(1, order), all_i.gather(1, order)
+    by_value = all_v.argsort(dim=1, descending=True, stable=True)
+    return all_v.gather(1, by_value)[:, :k], all_i.gather(1, by_value)[:, :k]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [1, 3])
+def test_score_pool_topk_merges_a_chunk_into_any_running_state(gen, dtype, K):
+    """The op's contract on its own: running entries with indices above, below and among the
+    chunk's, ties between running and new entries, n < k, n + M < k, M = 0, and chunks longer
+    than the op's internal blocks (B = 600: a block is about 870 / K rows)."""
+    from s2m_ext import ops
+
+    for B, M, n, k in ((5, 40, 0, 7), (5, 40, 7, 7), (4, 3, 2, 9), (3, 0, 4, 4), (600, 2000, 5, 5)):
+        gmm = tied_problem(gen, K, dtype)[0] if B == 4 else random_gmm(gen, B, K, 3, dtype, "cpu")
+        z = torch.randint(-2, 3, (M, 3), generator=gen).to(dtype)
+        # Running entries: some copy chunk scores (exact ties), indices on both sides of it.
+        pool_scores = gmm.log_prob_pool(z) if M else torch.zeros(B, 1, dtype=dtype)
+        values = pool_scores[:, torch.randint(0, pool_scores.shape[1], (n,), generator=gen)]
+        indices = torch.stack([torch.randperm(100, generator=gen)[:n] * 50 for _ in range(B)]).long()
+        values, indices = merge_topk(values, indices, n)  # a valid running state: sorted
+        offset = 1000
+        got_v, got_i = ops.score_pool_topk(z, *gmm.params(), values, indices, offset, k)
+        want_v, want_i = _op_reference(z, gmm, values, indices, offset, k)
+        assert got_v.shape == got_i.shape == (B, min(k, n + M))
+        torch.testing.assert_close(got_v, want_v, rtol=RTOL[dtype], atol=RTOL[dtype])
+        # Ranks must agree where the scores are exact ties or far apart (integer pool, dyadic
+        # tied problem) or in float64.
+        if dtype == torch.float64 or B == 4:
+            assert torch.equal(got_i, want_i), (B, M, n, k)
+
+
+def test_score_pool_topk_does_not_depend_on_the_thread_count(gen):
+    from s2m_ext import ops
+
+    gmm = random_gmm(gen, 300, 1, 16, torch.float32, "cpu")
+    z = torch.randn(5000, 16, generator=gen)
+    empty_v, empty_i = torch.empty(300, 0), torch.empty(300, 0, dtype=torch.long)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.score_pool_topk(z, *gmm.params(), empty_v, empty_i, 0, 20)
+        torch.set_num_threads(2)
+        two = ops.score_pool_topk(z, *gmm.params(), empty_v, empty_i, 0, 20)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_score_pool_topk_refuses_a_bad_running_state():
+    from s2m_ext import ops
+
+    gmm = DiagGMM(torch.zeros(2, 1, dtype=torch.float64), torch.zeros(2, 1, 3, dtype=torch.float64),
+                  torch.ones(2, 1, 3, dtype=torch.float64))
+    z = torch.zeros(4, 3, dtype=torch.float64)
+    v, i = torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        ops.score_pool_topk(z, *gmm.params(), v, i, 0, 0)
+    with pytest.raises(ValueError, match="values must hold at most k = 1 columns"):
+        ops.score_pool_topk(z, *gmm.params(), v, i, 0, 1)
+    with pytest.raises(ValueError, match="batch size B"):
+        ops.score_pool_topk(z, *gmm.params(), v[:1], i[:1], 0, 2)
+    with pytest.raises(TypeError, match="indices must be int64"):
+        ops.score_pool_topk(z, *gmm.params(), v, i.int(), 0, 2)
+    with pytest.raises(ValueError, match="indices must have the shape of values"):
+        ops.score_pool_topk(z, *gmm.params(), v, i[:, :1], 0, 2)
+    with pytest.raises(ValueError, match="offset must be >= 0"):
+        ops.score_pool_topk(z, *gmm.params(), v, i, -1, 2)
+
+
+def test_opcheck_score_pool_topk(gen):
+    from s2m_ext import ops
+
+    gmm = random_gmm(gen, 3, 2, 4, torch.float64, "cpu")
+    z = torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    v, i = merge_topk(torch.randn(3, 2, generator=gen, dtype=torch.float64), torch.tensor([[0, 1]] * 3), 2)
+    torch.library.opcheck(ops.score_pool_topk.default, (z, *gmm.params(), v, i, 100, 4))
+
+
+def test_one_component_scores_whose_expanded_terms_overflow_are_minus_inf():
+    # One component at 1e140 with variance 1e-20: the item at 1e150 overflows the expanded
+    # form (z . mu / v and z^2 / v); it is recomputed directly and scores -inf, in the dense
+    # scores and in the top k, like the reference.
+    from s2m_ext import reference
+
+    lw = torch.zeros(1, 1, dtype=torch.float64)
+    mu = torch.full((1, 1, 1), 1e140, dtype=torch.float64)
+    var = torch.full((1, 1, 1), 1e-20, dtype=torch.float64)
+    z = torch.tensor([[1e150], [1e140], [-1e150]], dtype=torch.float64)
+    gmm = DiagGMM(lw, mu, var)
+    want = reference.log_prob_pool(z, lw, mu, var)
+    assert gmm.log_prob_pool(z).tolist() == want.tolist()
+    assert want[0, 0] == want[0, 2] == -math.inf and math.isfinite(want[0, 1])
+    with torch.no_grad():
+        values, indices = gmm.topk_pool(z, 3)
+    assert values.tolist() == [[want[0, 1].item(), -math.inf, -math.inf]] and indices.tolist() == [[1, 0, 2]]
