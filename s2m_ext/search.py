@@ -194,8 +194,10 @@ def topk_pool(
             mixture's device as they are scored.
         k: how many items to keep per mixture, >= 1. A pool of fewer than k items returns
             all of them: min(k, M) columns.
-        chunk_size: pool rows scored at a time (default: about 2^23 / (B * K)); memory is
-            O(B * k + B * K * chunk_size).
+        chunk_size: pool rows read and scored at a time (default: 2^23 / D on the CPU,
+            about 2^23 / (B * K) on CUDA); memory is O(B * k + D * chunk_size) on the CPU (the
+            op scores blocks of about 2^19 scores at a time) and O(B * k + B * K * chunk_size)
+            on CUDA.
         read_ahead: read the next chunk in a background thread while the current one is
             scored (for pools that are not tensors already in memory).
         distributed: each process of ``group`` (default: the world) passes its own shard of
@@ -230,8 +232,11 @@ def topk_pool(
         _check_shard(s, i, gmm.dtype, D)
         if isinstance(s, Tensor):
             V.check_same_device(s, f"pool shard {i}", gmm.means, "the mixture")
-    rows = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, B * K))
     device = gmm.device
+    # The CPU op scores a chunk in cache-sized blocks, holding no (B, rows) matrix: its
+    # chunk is bounded by the pool rows alone (and its per-call setup is amortised).
+    default_rows = _CHUNK_ELEMENTS // max(1, D) if device.type == "cpu" else _CHUNK_ELEMENTS // max(1, B * K)
+    rows = chunk_size or max(1, default_rows)
 
     values = torch.empty(B, 0, dtype=gmm.dtype, device=device)
     indices = torch.empty(B, 0, dtype=torch.long, device=device)

@@ -164,11 +164,22 @@ inline bool ranks_before(const Ranked<T>& a, const Ranked<T>& b) {
   return a.value > b.value || (a.value == b.value && a.index < b.index);
 }
 
+// max of v[0..n), n >= 1 (vectorised).
+template <typename T>
+inline T block_max(const T* v, int64_t n) {
+  T best = v[0];
+#pragma omp simd reduction(max : best)
+  for (int64_t j = 0; j < n; ++j) best = v[j] > best ? v[j] : best;
+  return best;
+}
+
 // Rows scored per block: (B, rows) scores of about 2^19 elements stay in cache while every
 // row's heap reads them.
 constexpr int64_t kTopkBlockElements = int64_t(1) << 19;
 // Scores tested together against a row's k-th before any is looked at one by one.
-constexpr int64_t kTopkScan = 32;
+constexpr int64_t kTopkScan = 64;
+// Up to this many candidates enter a full heap one by one; more are merged by a selection.
+constexpr int64_t kTopkFewCandidates = 16;
 
 // The pool rows z (M, D), items offset .. offset + M - 1, merged into the running top k of
 // every mixture: values/indices (B, n), n <= k. Each row keeps a heap of its k best with the
@@ -191,6 +202,11 @@ std::tuple<at::Tensor, at::Tensor> pool_topk_impl(const at::Tensor& z, const Poo
     for (int64_t j = 0; j < n_in; ++j) h[j] = {vp[b * n_in + j], ip[b * n_in + j]};
     std::make_heap(h, h + n_in, worst_first);
   }
+  // Each row's k-th score once its heap is full (-inf before): what a score must reach.
+  std::vector<T> kth_of(size_t(B), -std::numeric_limits<T>::infinity());
+  for (int64_t b = 0; b < B; ++b) {
+    if (n_in == kk && kk > 0) kth_of[b] = heaps[b * kk].value;
+  }
   const int64_t block = std::max<int64_t>(1, kTopkBlockElements / std::max<int64_t>(1, B * K));
   auto scores = at::empty({B, std::min(block, std::max<int64_t>(M, 1))}, z.options());
   const auto zc = z - t.center;
@@ -211,38 +227,52 @@ std::tuple<at::Tensor, at::Tensor> pool_topk_impl(const at::Tensor& z, const Poo
     const int64_t stride = scores.size(1);
     // Rows are independent: the result does not depend on the thread count.
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<Ranked<T>> pool;  // a row's heap and this block's candidates
+      std::vector<Ranked<T>> cand, pool;  // this block's candidates of a row; heap + candidates
       for (int64_t b = b0; b < b1; ++b) {
-        Ranked<T>* h = heaps.data() + b * kk;
-        const int64_t n = count[b];
         const T* row = sp + b * stride;
         const T cb = fused ? cp[b] : T(0);  // fused: the score is row[j] + cb (else + 0, exact)
         // Candidates: every score while the heap is not full, then those not below the k-th
-        // (most groups are rejected by one vectorised test; a tie with the k-th is kept and
-        // decided by the (score, index) order).
-        const T kth = n == kk ? h[0].value : -std::numeric_limits<T>::infinity();
-        pool.assign(h, h + n);
+        // (a tie with the k-th is kept and decided by the (score, index) order). Rounding is
+        // monotonic, so max_j (row[j] + cb) is (max_j row[j]) + cb exactly: most rows, then
+        // most groups of a row, are rejected by one vectorised maximum, without touching the
+        // heap (the k-th lives in kth_of).
+        const T kth = kth_of[b];
+        if (block_max(row, r) + cb < kth) continue;
+        Ranked<T>* h = heaps.data() + b * kk;
+        int64_t n = count[b];
+        cand.clear();
         for (int64_t j0 = 0; j0 < r; j0 += kTopkScan) {
           const int64_t j1 = std::min(r, j0 + kTopkScan);
-          bool any = false;
-#pragma omp simd reduction(| : any)
-          for (int64_t j = j0; j < j1; ++j) any |= row[j] + cb >= kth;
-          if (!any) continue;
+          if (block_max(row + j0, j1 - j0) + cb < kth) continue;
           for (int64_t j = j0; j < j1; ++j) {
             const T v = row[j] + cb;
-            if (v >= kth) pool.push_back({v, offset + r0 + j});
+            if (v >= kth) cand.push_back({v, offset + r0 + j});
           }
         }
-        if (int64_t(pool.size()) == n) continue;  // nothing new
-        // The best kk of heap + candidates in linear time, then the heap again.
+        if (cand.empty()) continue;
+        if (n == kk && int64_t(cand.size()) <= kTopkFewCandidates) {
+          for (const Ranked<T>& e : cand) {  // replace the worst, one sift each
+            if (!ranks_before(e, h[0])) continue;
+            std::pop_heap(h, h + n, worst_first);
+            h[n - 1] = e;
+            std::push_heap(h, h + n, worst_first);
+          }
+          kth_of[b] = h[0].value;
+          continue;
+        }
+        // Many: the best kk of heap + candidates by one selection, then the heap again.
+        pool.assign(h, h + n);
+        pool.insert(pool.end(), cand.begin(), cand.end());
         if (int64_t(pool.size()) > kk) {
           std::nth_element(pool.begin(), pool.begin() + (kk - 1), pool.end(),
                            [](const Ranked<T>& x, const Ranked<T>& y) { return ranks_before(x, y); });
           pool.resize(size_t(kk));
         }
+        n = int64_t(pool.size());
         std::copy(pool.begin(), pool.end(), h);
-        count[b] = int64_t(pool.size());
-        std::make_heap(h, h + count[b], worst_first);
+        std::make_heap(h, h + n, worst_first);
+        count[b] = n;
+        if (n == kk) kth_of[b] = h[0].value;
       }
     });
   }
