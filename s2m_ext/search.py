@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import os
 import queue
 import threading
@@ -129,8 +130,28 @@ def _chunks(shards: Sequence[Union[Tensor, np.ndarray]], rows: int, device: torc
             part = s[r0:r0 + rows]
             # np.array copies a memmap slice into memory: this is where the disk is read.
             t = part if isinstance(part, Tensor) else torch.from_numpy(np.array(part))
+            if isinstance(s, np.memmap):
+                _release_mapped_rows(s, r0, part.shape[0])
             yield offset + r0, t.to(device)
         offset += s.shape[0]
+
+
+def _release_mapped_rows(s: np.memmap, r0: int, n: int) -> None:
+    """Drop the pages of rows [r0, r0 + n) of a memory-mapped shard from this process once
+    they are copied (madvise MADV_DONTNEED; they stay in the page cache): otherwise every page
+    read stays mapped, and a pool larger than memory counts in full in the process's RSS.
+    Only for a read-only mapping of a whole file (mode "r", the array itself, not a view of
+    it): a copy-on-write mapping would lose its private changes. A no-op elsewhere."""
+    mapping = getattr(s, "_mmap", None)
+    if (mapping is None or s.base is not mapping or getattr(s, "mode", None) != "r"
+            or not hasattr(mmap, "MADV_DONTNEED") or not s.flags.c_contiguous):
+        return
+    row_bytes = s.strides[0]
+    start = s.offset % mmap.ALLOCATIONGRANULARITY + r0 * row_bytes  # within the mapping
+    aligned = start - start % mmap.PAGESIZE
+    length = min(start + n * row_bytes, len(mapping)) - aligned
+    if length > 0:
+        mapping.madvise(mmap.MADV_DONTNEED, aligned, length)
 
 
 def _read_ahead(chunks: Iterator[Tuple[int, Tensor]], depth: int = 1) -> Iterator[Tuple[int, Tensor]]:

@@ -455,3 +455,21 @@ def test_merge_above_equals_the_full_merge(gen):
         want = merge_topk(torch.cat([values, scores], 1), torch.cat([indices, ids], 1), k)
         got = _merge_above(values, indices, scores, offset, k)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_releasing_read_pages_never_drops_private_changes(tmp_path):
+    """Only a read-only mapping of a whole file has its read rows released: a copy-on-write
+    memmap keeps its in-memory changes, and a view's rows are left alone."""
+    from s2m_ext.search import _release_mapped_rows
+
+    path = tmp_path / "pool.npy"
+    np.save(path, np.arange(200_000 * 4, dtype=np.float32).reshape(200_000, 4))
+    cow = np.load(path, mmap_mode="c")
+    cow[5:50_000] = -1.0
+    _release_mapped_rows(cow, 0, 100_000)
+    assert (cow[5:50_000] == -1.0).all()
+    ro = np.load(path, mmap_mode="r")
+    before = np.array(ro[100:150_000])
+    _release_mapped_rows(ro, 100, 149_900)  # the data is read again from the file
+    _release_mapped_rows(ro[10:], 0, 1000)  # a view: no-op
+    assert np.array_equal(np.array(ro[100:150_000]), before)
