@@ -141,6 +141,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     for K in a.K:
         base = dict(B=a.B, K=K, M=a.M, D=a.D, k=a.k, threads=a.threads, repeats=a.repeats)
         got = {n: spawn(n, base) for n in ("topk_pool", "dense", "faiss") if n not in a.skip}
+        if not got:  # every in-memory contender skipped (e.g. a memmap-only run)
+            continue
         ref = got.get("dense", got["topk_pool"])["indices"]
         run = {"K": K, **{kk: v for kk, v in base.items() if kk != "repeats"}, "contenders": {}}
         for n, r in got.items():
