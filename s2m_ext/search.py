@@ -17,7 +17,6 @@ the global numbering, and the per-rank top-k are merged with an all_gather.
 from __future__ import annotations
 
 import contextlib
-import math
 import mmap
 import os
 import queue
@@ -275,9 +274,6 @@ def topk_pool(
                 values, indices = ops.score_pool_topk(z, *params, values, indices, offset, k)
                 continue
             scores = ops.score_pool(z, *params)  # (B, rows)
-            if values.shape[1] == k:
-                values, indices = _merge_above(values, indices, scores, offset, k)
-                continue
             ids = torch.arange(offset, offset + z.shape[0], device=device).expand(B, -1)
             # The chunk's own top k first, then the merge with the running one: the
             # concatenation is (B, 2k), not (B, k + rows).
@@ -286,28 +282,6 @@ def topk_pool(
         if distributed:
             values, indices = _merge_across_ranks(values, indices, sum(s.shape[0] for s in shards), k, group)
     return values, indices
-
-
-def _merge_above(values: Tensor, indices: Tensor, scores: Tensor, offset: int, k: int) -> Tuple[Tensor, Tensor]:
-    """Merge a chunk's scores (B, rows), items ``offset``.. on, into a full running top k
-    (values (B, k) sorted descending). Only items scoring strictly above a row's k-th value
-    can enter: one tied with it has a higher index than every item seen, so it loses the tie.
-    After the first chunks few items pass, so the cost is one comparison per score instead
-    of a selection over the chunk."""
-    above = scores > values[:, -1:]
-    counts = above.sum(1)
-    width = int(counts.max())
-    if width == 0:
-        return values, indices
-    row, col = above.nonzero(as_tuple=True)  # row-major: each row's candidates in order
-    slot = torch.arange(row.numel(), device=row.device) - (counts.cumsum(0) - counts)[row]
-    # Padding scores -inf with the largest index: it never beats a running entry (each of
-    # which is >= -inf with a lower index), so k real candidates are always kept first.
-    cand_v = torch.full((values.shape[0], width), -math.inf, dtype=values.dtype, device=values.device)
-    cand_i = torch.full((values.shape[0], width), torch.iinfo(torch.int64).max, dtype=torch.long, device=values.device)
-    cand_v[row, slot] = scores[row, col]
-    cand_i[row, slot] = col + offset
-    return merge_topk(torch.cat([values, cand_v], 1), torch.cat([indices, cand_i], 1), k)
 
 
 def _merge_across_ranks(values: Tensor, indices: Tensor, local_m: int, k: int, group) -> Tuple[Tensor, Tensor]:

@@ -440,23 +440,6 @@ def test_one_component_scores_whose_expanded_terms_overflow_are_minus_inf():
     assert values.tolist() == [[want[0, 1].item(), -math.inf, -math.inf]] and indices.tolist() == [[1, 0, 2]]
 
 
-def test_merge_above_equals_the_full_merge(gen):
-    """The CUDA path's merge of a chunk into a full running top k (pure torch, run here on
-    the CPU): only scores strictly above a row's k-th enter, which is exact because every
-    chunk item has a higher index than the running ones."""
-    from s2m_ext.search import _merge_above
-
-    B, k, rows, offset = 6, 5, 40, 100
-    values, indices = merge_topk(torch.randint(0, 4, (B, 30), generator=gen).double(),
-                                 torch.arange(30).expand(B, -1), k)
-    for trial in range(3):
-        scores = torch.randint(0, 6 if trial else 2, (B, rows), generator=gen).double()  # trial 0: nothing above
-        ids = torch.arange(offset, offset + rows).expand(B, -1)
-        want = merge_topk(torch.cat([values, scores], 1), torch.cat([indices, ids], 1), k)
-        got = _merge_above(values, indices, scores, offset, k)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
 def test_releasing_read_pages_never_drops_private_changes(tmp_path):
     """Only a read-only mapping of a whole file has its read rows released: a copy-on-write
     memmap keeps its in-memory changes, and a view's rows are left alone."""

@@ -6,10 +6,10 @@
 //   l[m,(b,k)] = c_bk + z_m . (mu_bk / v_bk) - 1/2 z_m^2 . (1 / v_bk),
 //   c_bk       = log pi_bk - 1/2 sum_d (log(2 pi v_bkd) + mu_bkd^2 / v_bkd).
 // With one component the product is taken the other way round, (B, rows) = params x pool^T,
-// straight into the (B, M) result: no transposed copy. c is added by the product's beta term,
-// after the sum, not as a column of it: with exactly representable terms the sum is exact in
-// any order, so repeated items tie bit for bit whatever the chunking (BLAS orders a sum by
-// its shape).
+// straight into the (B, M) result: no transposed copy. c is added after the product's sum
+// (its beta term, or one addition per score), never as a column of it: with exactly
+// representable terms the sum is exact in any order, so repeated items tie bit for bit
+// whatever the chunking (BLAS orders a sum by its shape).
 // The expansion cancels when z is close to mu and both are far from the origin, so z and mu
 // are first shifted by a common centre (the mean of all component means): the result is
 // invariant to the shift, and the cancellation is then relative to the spread of the data
@@ -193,14 +193,15 @@ std::tuple<at::Tensor, at::Tensor> pool_topk_impl(const at::Tensor& z, const Poo
   const int64_t kk = std::min(k, n_in + M);
   std::vector<Ranked<T>> heaps(size_t(B * kk));
   std::vector<int64_t> count(size_t(B), n_in);
-  const auto worst_first = [](const Ranked<T>& a, const Ranked<T>& b) { return ranks_before(a, b); };
+  // Ranking order; as a heap comparator it puts the worst entry on top.
+  const auto before = [](const Ranked<T>& a, const Ranked<T>& b) { return ranks_before(a, b); };
   const auto v_in = values.contiguous(), i_in = indices.contiguous();
   const T* vp = v_in.data_ptr<T>();
   const int64_t* ip = i_in.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     Ranked<T>* h = heaps.data() + b * kk;
     for (int64_t j = 0; j < n_in; ++j) h[j] = {vp[b * n_in + j], ip[b * n_in + j]};
-    std::make_heap(h, h + n_in, worst_first);
+    std::make_heap(h, h + n_in, before);
   }
   // Each row's k-th score once its heap is full (-inf before): what a score must reach.
   std::vector<T> kth_of(size_t(B), -std::numeric_limits<T>::infinity());
@@ -253,9 +254,9 @@ std::tuple<at::Tensor, at::Tensor> pool_topk_impl(const at::Tensor& z, const Poo
         if (n == kk && int64_t(cand.size()) <= kTopkFewCandidates) {
           for (const Ranked<T>& e : cand) {  // replace the worst, one sift each
             if (!ranks_before(e, h[0])) continue;
-            std::pop_heap(h, h + n, worst_first);
+            std::pop_heap(h, h + n, before);
             h[n - 1] = e;
-            std::push_heap(h, h + n, worst_first);
+            std::push_heap(h, h + n, before);
           }
           kth_of[b] = h[0].value;
           continue;
@@ -264,13 +265,12 @@ std::tuple<at::Tensor, at::Tensor> pool_topk_impl(const at::Tensor& z, const Poo
         pool.assign(h, h + n);
         pool.insert(pool.end(), cand.begin(), cand.end());
         if (int64_t(pool.size()) > kk) {
-          std::nth_element(pool.begin(), pool.begin() + (kk - 1), pool.end(),
-                           [](const Ranked<T>& x, const Ranked<T>& y) { return ranks_before(x, y); });
+          std::nth_element(pool.begin(), pool.begin() + (kk - 1), pool.end(), before);
           pool.resize(size_t(kk));
         }
         n = int64_t(pool.size());
         std::copy(pool.begin(), pool.end(), h);
-        std::make_heap(h, h + n, worst_first);
+        std::make_heap(h, h + n, before);
         count[b] = n;
         if (n == kk) kth_of[b] = h[0].value;
       }
@@ -283,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> pool_topk_impl(const at::Tensor& z, const Poo
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       Ranked<T>* h = heaps.data() + b * kk;
-      std::sort(h, h + kk, [](const Ranked<T>& a, const Ranked<T>& c) { return ranks_before(a, c); });
+      std::sort(h, h + kk, before);
       for (int64_t j = 0; j < kk; ++j) {
         ov[b * kk + j] = h[j].value;
         oi[b * kk + j] = h[j].index;
