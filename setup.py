@@ -6,10 +6,12 @@ when FORCE_CUDA=1 (for building on a GPU-less machine against a CUDA-enabled tor
 FORCE_ONLY_CPU=1 skips them. TORCH_CUDA_ARCH_LIST is honoured by torch's build helpers;
 without it, FORCE_CUDA builds target sm_80 and sm_90.
 
-The CPU kernels are compiled for AVX2 + FMA when the building machine has them (they run
-2-3x faster than with the x86-64 baseline's SSE2; see bench/NOTES.md). S2M_CPU_FLAGS
-overrides the choice: S2M_CPU_FLAGS="" builds for any x86-64 CPU (e.g. a wheel for other
-machines), S2M_CPU_FLAGS="-march=native" tunes for this one.
+The CPU kernels are compiled three times in one build on x86-64 with GCC: for the baseline
+(SSE2), for AVX2 + FMA and for AVX-512 (csrc/cpu/level_*.cpp); the best level the running
+CPU has is chosen when the first kernel runs, so one build (a wheel) is fast everywhere.
+S2M_CPU_CAPABILITY=baseline|avx2 at run time forces a lower level. S2M_CPU_FLAGS adds
+compiler flags to every C++ file (e.g. "-march=native" for a build that runs only here);
+none by default.
 
 Build with the torch you will run with:  pip install --no-build-isolation .
 (a wheel: python -m build --no-isolation, which builds the sdist and the wheel from it).
@@ -63,15 +65,7 @@ def _openmp_flags() -> list:
 
 
 def _cpu_flags() -> list:
-    override = os.getenv("S2M_CPU_FLAGS")
-    if override is not None:
-        return override.split()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+    return os.getenv("S2M_CPU_FLAGS", "").split()
 
 
 def extensions():

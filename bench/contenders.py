@@ -133,6 +133,36 @@ class S2M(Contender):
         return itemsize * (s.B * s.M + 4 * params + (1 << 24))
 
 
+class S2MAtLevel(S2M):
+    """s2m_ext with its CPU kernels forced to a lower instruction-set level than this CPU's
+    best (S2M_CPU_CAPABILITY, set in the worker before its first op): the levels side by
+    side in one run. Not in the default contender list."""
+
+    cpu_only = True
+
+    def __init__(self, level: str) -> None:
+        self.cpu_capability = level
+        self.name = f"s2m_ext@{level}"
+        self.title = f"s2m_ext ({level})"
+
+    def skip_reason(self, workload: str, device: str) -> Optional[str]:
+        import s2m_ext
+
+        if device != "cpu":
+            return "a CPU instruction-set level"
+        if self.cpu_capability not in s2m_ext.build_info()["cpu_capabilities"]:
+            return f"this CPU cannot run the {self.cpu_capability} level"
+        return super().skip_reason(workload, device)
+
+    def prepare(self, problem: Problem, workload: str) -> Prepared:
+        import s2m_ext
+
+        level = s2m_ext.build_info()["cpu_capability"]
+        if level != self.cpu_capability:
+            raise RuntimeError(f"{self.name}: the kernels run at {level} (S2M_CPU_CAPABILITY set too late?)")
+        return super().prepare(problem, workload)
+
+
 # ----------------------------------------------------------------------------- reference
 class Reference(Contender):
     """s2m_ext.reference (batched plain PyTorch), eager, differentiated by autograd."""
@@ -396,8 +426,11 @@ class GmmGpu(Contender):
 
 
 CONTENDERS: Dict[str, Contender] = {
-    c.name: c for c in (S2M(), Reference(), Compiled(), SklearnLoop(), TorchLoop(), GmmGpu())
+    c.name: c for c in (S2M(), Reference(), Compiled(), SklearnLoop(), TorchLoop(), GmmGpu(),
+                        S2MAtLevel("avx2"), S2MAtLevel("baseline"))
 }
+#: What a run compares unless --contenders says otherwise (the forced levels are opt-in).
+DEFAULT_CONTENDERS = [n for n, c in CONTENDERS.items() if not isinstance(c, S2MAtLevel)]
 BASELINE = "s2m_ext"
 
 #: Relative tolerance of the agreement check (normwise: max|a-b| / max|b| per output). All

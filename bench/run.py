@@ -22,7 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from . import env
-from .contenders import BASELINE, CONTENDERS, validity
+from .contenders import BASELINE, CONTENDERS, DEFAULT_CONTENDERS, validity
 from .timing import Budget, side_by_side
 from .worker import WorkerError, Workers, calibrate, remote_sample
 from .workloads import NAMED_SHAPES, WORKLOADS, Cell, compulsory_bytes, describe_flops, flops, plan
@@ -398,7 +398,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--targets", choices=("core",), help="only the core targets at B256 N64 D128 K4 T10, "
                     "with a profile of where s2m_ext's time goes")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of %(default)s")
-    ap.add_argument("--contenders", default=",".join(CONTENDERS), help="comma list of %(default)s")
+    ap.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS),
+                    help="comma list of %(default)s (also: " + ", ".join(sorted(set(CONTENDERS) - set(DEFAULT_CONTENDERS)))
+                    + ", s2m_ext with its CPU kernels forced to a lower level)")
     ap.add_argument("--shapes", default="paper,core,medium,large", help="named shapes (comma list)")
     ap.add_argument("--no-sweeps", action="store_true", help="only the named shapes")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")

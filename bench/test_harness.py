@@ -111,6 +111,18 @@ def test_workers_time_and_measure_contenders_in_their_own_processes() -> None:
     assert peaks["reference"] > 30e6 and peaks["s2m_ext"] > 0, peaks
 
 
+def test_a_forced_cpu_level_runs_in_its_worker_and_agrees() -> None:
+    """s2m_ext@baseline sets S2M_CPU_CAPABILITY in its own worker before its first op (its
+    prepare raises if the kernels run at another level) and agrees with s2m_ext."""
+    shape = Shape(B=8, N=32, D=16, K=3, T=5, M=64)
+    outputs = {}
+    with Workers("cpu", threads=1) as workers:
+        for name in ("s2m_ext", "s2m_ext@baseline"):
+            outputs[name] = workers[name].request("prepare", ("fwd_bwd", shape.as_dict(), 0, True), timeout_s=300)["output"]
+    ok, note, _ = validity(CONTENDERS["s2m_ext@baseline"], outputs["s2m_ext"], outputs["s2m_ext@baseline"])
+    assert ok, note
+
+
 def test_worker_reports_errors_and_survives() -> None:
     with Workers("cpu", threads=1) as workers:
         with pytest.raises(WorkerError, match="unknown request"):

@@ -34,10 +34,14 @@ class WorkerError(RuntimeError):
 # ----------------------------------------------------------------------------- worker side
 def _serve(conn, name: Optional[str], device: str, threads: Optional[int]) -> None:
     """Worker main loop: answers (request, args) messages with ("ok", result) or ("error", text)."""
+    from .contenders import CONTENDERS
+
+    level = getattr(CONTENDERS[name], "cpu_capability", None) if name else None
+    if level:  # read once, at s2m_ext's first kernel call: before this worker makes any
+        os.environ["S2M_CPU_CAPABILITY"] = level
     if threads:
         torch.set_num_threads(threads)
     from . import memory
-    from .contenders import CONTENDERS
     from .workloads import Shape, make_problem
 
     contender = CONTENDERS[name] if name else None

@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/kernels.h"
+
 #ifdef S2M_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -81,15 +83,13 @@ py::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
-#if defined(__AVX512F__)
-  info["cpu_simd"] = "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
-  info["cpu_simd"] = "avx2+fma";
-#elif defined(__AVX2__)
-  info["cpu_simd"] = "avx2";
-#else
-  info["cpu_simd"] = "baseline";
-#endif
+  // The CPU kernels' instruction-set level in use, and every level this CPU can be forced to.
+  const s2m::cpu::CpuLevel active = s2m::cpu::active_level();
+  info["cpu_capability"] = s2m::cpu::level_name(active);
+  py::list levels;
+  for (int i = 0; i <= static_cast<int>(s2m::cpu::best_level()); ++i)
+    levels.append(s2m::cpu::level_name(static_cast<s2m::cpu::CpuLevel>(i)));
+  info["cpu_capabilities"] = levels;
   info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
                           std::to_string(TORCH_VERSION_MINOR) + "." +
                           std::to_string(TORCH_VERSION_PATCH);
@@ -100,5 +100,5 @@ py::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "s2m_ext kernels; the ops live in torch.ops.s2m";
-  m.def("build_info", &build_info, "How this extension was built (CUDA, OpenMP, torch version).");
+  m.def("build_info", &build_info, "How this extension was built (CUDA, OpenMP, torch version) and its CPU level.");
 }

@@ -39,8 +39,10 @@ def build_info() -> Dict[str, Any]:
     """How the extension was built and what it runs with.
 
     Keys: ``cuda`` (CUDA kernels compiled in), ``cuda_version`` (CUDA runtime it was built
-    with, or None), ``openmp`` (CPU kernels parallel), ``cpu_simd`` (the vector instructions
-    the CPU kernels were compiled for: "baseline", "avx2+fma", ...), ``torch_version`` (torch
+    with, or None), ``openmp`` (CPU kernels parallel), ``cpu_capability`` (the instruction-set
+    level the CPU kernels run at: "baseline", "avx2" (AVX2 + FMA) or "avx512"; the best this
+    CPU has unless the environment variable ``S2M_CPU_CAPABILITY`` names a lower one),
+    ``cpu_capabilities`` (every level this CPU and build can run), ``torch_version`` (torch
     it was built against), ``torch_runtime`` (torch imported now), ``cuda_available`` (a GPU
     is usable now).
     """

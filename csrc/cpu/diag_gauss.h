@@ -15,8 +15,16 @@
 
 #include "common/gmm_math.h"
 
+#ifndef S2M_CPU_LEVEL
+#error "the CPU kernels compile through a level file (csrc/cpu/level_*.cpp), which names S2M_CPU_LEVEL"
+#endif
+
+// Each level's copy of these inline functions lives in its own namespace: one shared name
+// would let the linker keep a single copy, perhaps one built for an instruction set this
+// CPU lacks.
 namespace s2m {
 namespace cpu {
+namespace S2M_CPU_LEVEL {
 
 constexpr int64_t kBlock = 4;
 
@@ -208,5 +216,6 @@ const T* padded_block(const T* src, int64_t count, int64_t D, T* block) {
   return block;
 }
 
+}  // namespace S2M_CPU_LEVEL
 }  // namespace cpu
 }  // namespace s2m

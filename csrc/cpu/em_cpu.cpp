@@ -1,21 +1,15 @@
 // CPU glue of the fused EM ops: checks, allocation, and a parallel loop over sets that
-// runs the torch-free per-set kernels of em_set.h.
+// runs the torch-free per-set kernels (em_set.h) of the active instruction-set level.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
 #include "checks.h"
-#include "cpu/em_set.h"
+#include "cpu/kernels.h"
 
 namespace s2m {
 namespace cpu {
 namespace {
-
-template <typename P>
-Trajectory<P> set_trajectory(P* lw, P* mu, P* var, int64_t b, int64_t steps, int64_t B, int64_t K,
-                             int64_t D) {
-  return {lw + b * K, mu + b * K * D, var + b * K * D, B * K, B * K * D, steps};
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_fit_cpu(
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& lw_in,
@@ -34,29 +28,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto loglik = at::empty({B}, x.options());
   auto used = at::empty({B}, x.options().dtype(at::kLong));
   auto converged = at::empty({B}, x.options().dtype(at::kBool));
-  const SetShape s{N, D, K};
-  const FitSettings cfg{n_iter, var_floor, tol};
-
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "s2m::em_fit (cpu)", [&] {
     using T = scalar_t;
-    const T* xp = x.data_ptr<T>();
-    const T* wp = w.data_ptr<T>();
-    const T *lw0p = lw0.data_ptr<T>(), *mu0p = mu0.data_ptr<T>(), *var0p = var0.data_ptr<T>();
-    T *lwt = lw_traj.data_ptr<T>(), *mut = mu_traj.data_ptr<T>(), *vart = var_traj.data_ptr<T>();
-    T* llp = loglik.data_ptr<T>();
-    int64_t* usedp = used.data_ptr<int64_t>();
-    bool* convp = converged.data_ptr<bool>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      Workspace<T> ws(s);
-      for (int64_t b = begin; b < end; ++b) {
-        ConstParams<T> init(lw0p + b * K, mu0p + b * K * D, var0p + b * K * D);
-        auto traj = set_trajectory(lwt, mut, vart, b, steps, B, K, D);
-        const FitReport r = em_forward_set(xp + b * N * D, wp + b * N, s, init, cfg, traj, ws);
-        llp[b] = T(r.loglik);
-        usedp[b] = r.n_iter;
-        convp[b] = r.converged;
-      }
-    });
+    const EmForwardArgs<T> args{x.data_ptr<T>(),        w.data_ptr<T>(),        lw0.data_ptr<T>(),
+                                mu0.data_ptr<T>(),      var0.data_ptr<T>(),     lw_traj.data_ptr<T>(),
+                                mu_traj.data_ptr<T>(),  var_traj.data_ptr<T>(), loglik.data_ptr<T>(),
+                                used.data_ptr<int64_t>(), converged.data_ptr<bool>(),
+                                B, N, D, K, steps, FitSettings{n_iter, var_floor, tol}};
+    const auto run = kernels<T>().em_forward;
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) { run(args, begin, end); });
   });
   return {lw_traj, mu_traj, var_traj, loglik, used, converged};
 }
@@ -94,25 +74,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_fit_ba
   auto g_lw0 = at::empty({B, K}, x.options());
   auto g_mu0 = at::empty({B, K, D}, x.options());
   auto g_var0 = at::empty({B, K, D}, x.options());
-  const SetShape s{N, D, K};
-
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "s2m::em_fit_backward (cpu)", [&] {
     using T = scalar_t;
-    const T *xp = x.data_ptr<T>(), *wp = w.data_ptr<T>();
-    const T *lwp = lwt.data_ptr<T>(), *mup = mut.data_ptr<T>(), *varp = vart.data_ptr<T>();
-    const T *glwp = g_lw.data_ptr<T>(), *gmup = g_mu.data_ptr<T>(), *gvarp = g_var.data_ptr<T>();
-    T *gxp = g_x.data_ptr<T>(), *gwp = g_w.data_ptr<T>();
-    T *glw0p = g_lw0.data_ptr<T>(), *gmu0p = g_mu0.data_ptr<T>(), *gvar0p = g_var0.data_ptr<T>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      Workspace<T> ws(s);
-      for (int64_t b = begin; b < end; ++b) {
-        auto traj = set_trajectory(lwp, mup, varp, b, steps, B, K, D);
-        auto gtraj = set_trajectory(glwp, gmup, gvarp, b, steps, B, K, D);
-        Params<T> g_init{glw0p + b * K, gmu0p + b * K * D, gvar0p + b * K * D};
-        em_backward_set(xp + b * N * D, wp + b * N, s, usedp[b], T(var_floor), traj, gtraj,
-                        has_grad, gxp + b * N * D, gwp + b * N, g_init, ws);
-      }
-    });
+    const EmBackwardArgs<T> args{x.data_ptr<T>(),     w.data_ptr<T>(),     lwt.data_ptr<T>(),
+                                 mut.data_ptr<T>(),   vart.data_ptr<T>(),  g_lw.data_ptr<T>(),
+                                 g_mu.data_ptr<T>(),  g_var.data_ptr<T>(), usedp,
+                                 has_grad,            T(var_floor),        g_x.data_ptr<T>(),
+                                 g_w.data_ptr<T>(),   g_lw0.data_ptr<T>(), g_mu0.data_ptr<T>(),
+                                 g_var0.data_ptr<T>(), B, N, D, K, steps};
+    const auto run = kernels<T>().em_backward;
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) { run(args, begin, end); });
   });
   return {g_x, g_w, g_lw0, g_mu0, g_var0};
 }

@@ -16,47 +16,11 @@
 
 #include "common/gmm_math.h"
 #include "cpu/diag_gauss.h"
+#include "cpu/kernels.h"
 
 namespace s2m {
 namespace cpu {
-
-struct SetShape {
-  int64_t n;  // points
-  int64_t d;  // dimensions
-  int64_t k;  // components
-};
-
-// One mixture's parameters: log weights (K), means (K,D), variances (K,D).
-template <typename T>
-struct Params {
-  T* log_weights;
-  T* means;
-  T* variances;
-};
-
-template <typename T>
-struct ConstParams {
-  const T* log_weights;
-  const T* means;
-  const T* variances;
-  ConstParams(const T* lw, const T* mu, const T* var) : log_weights(lw), means(mu), variances(var) {}
-  ConstParams(const Params<T>& p) : log_weights(p.log_weights), means(p.means), variances(p.variances) {}
-  ConstParams(const Params<const T>& p) : log_weights(p.log_weights), means(p.means), variances(p.variances) {}
-};
-
-// A (steps, B, K[, D]) trajectory seen from one set: step t of this set's parameters.
-template <typename P>
-struct Trajectory {
-  P* log_weights;  // set's entry at step 0
-  P* means;
-  P* variances;
-  int64_t step_k;   // elements between steps of log_weights: B*K
-  int64_t step_kd;  // elements between steps of means/variances: B*K*D
-  int64_t steps;
-  Params<P> at(int64_t t) const {
-    return {log_weights + t * step_k, means + t * step_kd, variances + t * step_kd};
-  }
-};
+namespace S2M_CPU_LEVEL {
 
 template <typename T>
 void copy_params(ConstParams<T> src, Params<T> dst, SetShape s) {
@@ -222,18 +186,6 @@ void m_step(T total_w, SetShape s, ConstParams<T> prev, Params<T> next, T var_fl
     next.log_weights[k] = updated_log_weight(ws.nk[k], total_w, prev.log_weights[k]);
   }
 }
-
-struct FitSettings {
-  int64_t n_iter;
-  double var_floor;
-  double tol;  // per-set stop when |mean loglik change| < tol (scikit-learn's rule); 0: never
-};
-
-struct FitReport {
-  double loglik;  // mean weighted log-likelihood of the returned parameters
-  int64_t n_iter;
-  bool converged;
-};
 
 // T iterations of EM for one set. traj.steps is n_iter + 1 (every theta_t kept) or 1 (only
 // the final parameters, written to step 0).
@@ -443,5 +395,6 @@ void em_backward_set(const T* x, const T* w, SetShape s, int64_t n_used, T var_f
   std::copy(ws.g_x, ws.g_x + s.n * s.d, g_x);
 }
 
+}  // namespace S2M_CPU_LEVEL
 }  // namespace cpu
 }  // namespace s2m

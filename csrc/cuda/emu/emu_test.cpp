@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#define S2M_CPU_LEVEL baseline  // the CPU kernels of the baseline level are the oracle
 #include "cpu/em_set.h"
 #include "cuda/em_kernels.cuh"
 #include "cuda/kmeanspp_kernels.cuh"
@@ -161,13 +162,13 @@ EmResult<T> cpu_forward(const EmProblem<T>& p, int64_t n_iter, double var_floor,
   r.used.resize(s.B);
   r.converged.resize(s.B);
   const s2m::cpu::SetShape shape{s.N, s.D, s.K};
-  s2m::cpu::Workspace<T> ws(shape);
+  s2m::cpu::baseline::Workspace<T> ws(shape);
   for (int64_t b = 0; b < s.B; ++b) {
     s2m::cpu::ConstParams<T> init(p.lw0.data() + b * s.K, p.mu0.data() + b * s.K * s.D,
                                   p.var0.data() + b * s.K * s.D);
     s2m::cpu::Trajectory<T> traj{r.lw.data() + b * s.K, r.mu.data() + b * s.K * s.D,
                                  r.var.data() + b * s.K * s.D, s.B * s.K, s.B * s.K * s.D, steps};
-    const auto rep = s2m::cpu::em_forward_set(p.x.data() + b * s.N * s.D, p.w.data() + b * s.N,
+    const auto rep = s2m::cpu::baseline::em_forward_set(p.x.data() + b * s.N * s.D, p.w.data() + b * s.N,
                                               shape, init, {n_iter, var_floor, tol}, traj, ws);
     r.loglik[b] = T(rep.loglik);
     r.used[b] = rep.n_iter;
@@ -232,7 +233,7 @@ GradResult<T> cpu_backward(const EmProblem<T>& p, const EmResult<T>& fwd, int64_
   r.gmu.resize(s.B * s.K * s.D);
   r.gvar.resize(s.B * s.K * s.D);
   const s2m::cpu::SetShape shape{s.N, s.D, s.K};
-  s2m::cpu::Workspace<T> ws(shape);
+  s2m::cpu::baseline::Workspace<T> ws(shape);
   std::vector<T> zeros_k(steps * s.B * s.K, T(0)), zeros_kd(steps * s.B * s.K * s.D, T(0));
   const bool has_g = g_lw != nullptr;
   for (int64_t b = 0; b < s.B; ++b) {
@@ -245,7 +246,7 @@ GradResult<T> cpu_backward(const EmProblem<T>& p, const EmResult<T>& fwd, int64_
                                         s.B * K, s.B * KD, steps};
     s2m::cpu::Params<T> g_init{r.glw.data() + b * K, r.gmu.data() + b * KD,
                                r.gvar.data() + b * KD};
-    s2m::cpu::em_backward_set(p.x.data() + b * s.N * s.D, p.w.data() + b * s.N, shape,
+    s2m::cpu::baseline::em_backward_set(p.x.data() + b * s.N * s.D, p.w.data() + b * s.N, shape,
                               fwd.used[b], T(var_floor), traj, gtraj, has_g,
                               r.gx.data() + b * s.N * s.D, r.gw.data() + b * s.N, g_init, ws);
   }
