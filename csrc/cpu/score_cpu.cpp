@@ -11,6 +11,22 @@ namespace s2m {
 namespace cpu {
 namespace {
 
+// The inputs and sizes both directions share; the caller adds its outputs.
+template <typename T>
+PairedArgs<T> paired_args(const at::Tensor& z, const at::Tensor& lw, const at::Tensor& mu,
+                          const at::Tensor& var) {
+  PairedArgs<T> a{};
+  a.z = z.data_ptr<T>();
+  a.lw = lw.data_ptr<T>();
+  a.mu = mu.data_ptr<T>();
+  a.var = var.data_ptr<T>();
+  a.B = z.size(0);
+  a.Q = z.size(1);
+  a.D = z.size(2);
+  a.K = lw.size(1);
+  return a;
+}
+
 at::Tensor score_paired_cpu(const at::Tensor& z_in, const at::Tensor& lw_in, const at::Tensor& mu_in,
                             const at::Tensor& var_in) {
   const MixtureSizes m = check_paired_args(z_in, lw_in, mu_in, var_in, Backend::kCPU);
@@ -22,18 +38,10 @@ at::Tensor score_paired_cpu(const at::Tensor& z_in, const at::Tensor& lw_in, con
   auto log_norm = at::empty({B, K}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "s2m::score_paired (cpu)", [&] {
     using T = scalar_t;
-    PairedArgs<T> args{};
-    args.z = z.data_ptr<T>();
-    args.lw = lw.data_ptr<T>();
-    args.mu = mu.data_ptr<T>();
-    args.var = var.data_ptr<T>();
+    auto args = paired_args<T>(z, lw, mu, var);
     args.inv_var = inv_var.data_ptr<T>();
     args.log_norm = log_norm.data_ptr<T>();
     args.out = out.data_ptr<T>();
-    args.B = B;
-    args.Q = Q;
-    args.D = D;
-    args.K = K;
     const Kernels<T>& kern = kernels<T>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) { kern.paired_precompute(args, begin, end); });
     const int64_t tasks = B * ((Q + kPairedRows - 1) / kPairedRows);
@@ -56,20 +64,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_paired_backward
   auto g_var = at::zeros_like(var);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "s2m::score_paired_backward (cpu)", [&] {
     using T = scalar_t;
-    PairedArgs<T> args{};
-    args.z = z.data_ptr<T>();
-    args.lw = lw.data_ptr<T>();
-    args.mu = mu.data_ptr<T>();
-    args.var = var.data_ptr<T>();
+    auto args = paired_args<T>(z, lw, mu, var);
     args.grad = grad.data_ptr<T>();
     args.g_z = g_z.data_ptr<T>();
     args.g_lw = g_lw.data_ptr<T>();
     args.g_mu = g_mu.data_ptr<T>();
     args.g_var = g_var.data_ptr<T>();
-    args.B = B;
-    args.Q = Q;
-    args.D = D;
-    args.K = K;
     const auto run = kernels<T>().paired_backward;
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) { run(args, begin, end); });
   });
