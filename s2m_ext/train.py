@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch._dynamo  # noqa: F401  (see below)
 import torch.distributed as dist
 
 from ._extras import require
@@ -219,7 +220,12 @@ class FitWarningCounter:
 
 # ----------------------------------------------------------------------------- distributed
 def _distributed() -> tuple:
-    """(rank, world_size, local_rank); initialises the process group under torchrun."""
+    """(rank, world_size, local_rank); initialises the process group under torchrun.
+
+    torch._dynamo is imported with this module, before any process group exists: imported
+    later (DistributedDataParallel and the optimiser's first use import it), it keeps
+    references to the default group, so destroy_process_group leaves gloo's threads running
+    into the interpreter's shutdown, where they can abort the process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, 0

@@ -1,10 +1,12 @@
-"""s2m-train: a tiny run learns, resume is exact, 2-process gloo DDP equals 1 process."""
+"""s2m-train: a tiny run learns, resume is exact, 2-process gloo data parallelism equals 1 process."""
 
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import replace
+from pathlib import Path
+from typing import List
 
 import pytest
 import torch
@@ -107,17 +109,28 @@ def test_resume_refuses_changed_training_settings(tmp_path):
         train(replace(cfg, resume=str(tmp_path / "nothing.pt")), explicit=["resume"])
 
 
+def _thread_names() -> List[str]:
+    """The names of this process's threads (Linux)."""
+    return [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+
+
 def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
     # The rendezvous store is the test's own (see below): every rank is a client of it, so no
     # rank's exit takes the store away while another rank is still tearing its group down.
     store = torch.distributed.TCPStore("127.0.0.1", port, world, is_master=False)
     torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    del store
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     try:
         train(cfg)
     finally:
         torch.distributed.destroy_process_group()
+    if os.path.isdir("/proc/self/task"):
+        # Nothing of the run may keep the group alive: its gloo threads outliving the program's
+        # end can abort the process at exit.
+        gloo = [name for name in _thread_names() if "gloo" in name]
+        assert not gloo, f"rank {rank}: gloo threads alive after destroy_process_group: {gloo}"
 
 
 @pytest.mark.parametrize("scorer", ["gmm2"])
