@@ -6,7 +6,7 @@ plus a function that turns its raw output into float64 CPU tensors that the suit
 with s2m_ext's output, so a contender that silently does less (or other) work is caught.
 
 Outputs compared, per workload: ``forward`` -> log_weights (B,K), means and variances
-(B,K,D); ``fwd_bwd`` -> grad_x (B,N,D); ``pool`` -> scores (B,M).
+(B,K,D); ``fwd_bwd`` -> grad_x (B,N,D); ``pool`` -> scores (B,M); ``paired`` -> scores (B,Q).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class Contender:
 
     name = ""
     title = ""
-    workloads: Tuple[str, ...] = ("forward", "fwd_bwd", "pool")
+    workloads: Tuple[str, ...] = ("forward", "fwd_bwd", "pool", "paired")
     comparable = True
     #: runs on the CPU whatever --device says (timed and reported as such)
     cpu_only = False
@@ -102,8 +102,8 @@ class Contender:
 
 # ----------------------------------------------------------------------------- s2m_ext
 class S2M(Contender):
-    """s2m_ext's public API (fit_gmm with a DiagGMM warm start; DiagGMM.log_prob_pool), i.e.
-    the C++/CUDA ops plus the input validation a user gets."""
+    """s2m_ext's public API (fit_gmm with a DiagGMM warm start; DiagGMM.log_prob_pool and
+    DiagGMM.log_prob), i.e. the C++/CUDA ops plus the input validation a user gets."""
 
     name = "s2m_ext"
     title = "s2m_ext"
@@ -113,8 +113,11 @@ class S2M(Contender):
 
         s, p = problem.shape, problem
         if workload == "pool":
-            gmm = s2m_ext.DiagGMM(*p.pool_model)
+            gmm = s2m_ext.DiagGMM(*p.fitted_model)
             return Prepared(lambda: gmm.log_prob_pool(p.pool_z), lambda out: _scores_output(out, p.check_sets))
+        if workload == "paired":
+            gmm = s2m_ext.DiagGMM(*p.fitted_model)
+            return Prepared(lambda: gmm.log_prob(p.paired_z), lambda out: _scores_output(out, p.check_sets))
         init = s2m_ext.DiagGMM(*p.init)
 
         def fit(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -130,6 +133,8 @@ class S2M(Contender):
             return itemsize * 2 * params
         if workload == "fwd_bwd":
             return itemsize * (3 * (s.T + 1) * params + 2 * s.B * s.N * (s.D + 1))
+        if workload == "paired":
+            return itemsize * (s.B * s.Q + 4 * params)
         return itemsize * (s.B * s.M + 4 * params + (1 << 24))
 
 
@@ -182,8 +187,12 @@ class Reference(Contender):
         p = problem
         if workload == "pool":
             pool = self.wrap(reference.log_prob_pool)
-            return Prepared(lambda: pool(p.pool_z, *p.pool_model), lambda out: _scores_output(out, p.check_sets),
+            return Prepared(lambda: pool(p.pool_z, *p.fitted_model), lambda out: _scores_output(out, p.check_sets),
                             self.compiles)
+        if workload == "paired":
+            paired = self.wrap(reference.log_prob)
+            return Prepared(lambda: paired(p.paired_z, *p.fitted_model),
+                            lambda out: _scores_output(out, p.check_sets), self.compiles)
         em = self.wrap(functools.partial(reference.em_fit, n_iter=p.shape.T, var_floor=p.var_floor))
 
         def fit(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -197,6 +206,8 @@ class Reference(Contender):
     def memory_estimate(self, workload: str, s: Shape, itemsize: int = 4) -> float:
         if workload == "pool":
             return itemsize * 3.0 * s.B * s.M * s.K * s.D
+        if workload == "paired":
+            return itemsize * 3.0 * s.B * s.Q * s.K * s.D
         bnkd = float(s.B) * s.N * s.K * s.D
         if workload == "forward":
             return itemsize * 3 * bnkd
@@ -229,12 +240,12 @@ class SklearnLoop(Contender):
     set: reg_covar = var_floor, tol = 0, max_iter = T, and the shared initial parameters
     (weights_init, means_init, precisions_init = 1/variances). init_params='random_from_data'
     is its cheapest setting: sklearn computes an initialisation even when all three initial
-    parameters are given, then discards it. Pool scoring: a loop of score_samples over
-    GaussianMixture objects holding the same fitted parameters. Always runs on the CPU."""
+    parameters are given, then discards it. Pool and paired scoring: a loop of score_samples
+    over GaussianMixture objects holding the same fitted parameters. Always runs on the CPU."""
 
     name = "sklearn"
     title = "sklearn loop"
-    workloads = ("forward", "pool")
+    workloads = ("forward", "pool", "paired")
     cpu_only = True
 
     def skip_reason(self, workload: str, device: str) -> Optional[str]:
@@ -252,9 +263,9 @@ class SklearnLoop(Contender):
         from sklearn.mixture import GaussianMixture
 
         s, p = problem.shape, problem
-        if workload == "pool":
-            lw, mu, var = (self._numpy(t) for t in p.pool_model)
-            z = self._numpy(p.pool_z)
+        if workload in ("pool", "paired"):
+            lw, mu, var = (self._numpy(t) for t in p.fitted_model)
+            z = self._numpy(p.pool_z if workload == "pool" else p.paired_z)
             models: List[GaussianMixture] = []
             for b in range(s.B):
                 gm = GaussianMixture(s.K, covariance_type="diag")
@@ -265,6 +276,8 @@ class SklearnLoop(Contender):
                 models.append(gm)
 
             def score():
+                if workload == "paired":
+                    return np.stack([gm.score_samples(z[b]) for b, gm in enumerate(models)])
                 return np.stack([gm.score_samples(z) for gm in models])
 
             return Prepared(score, lambda out: _scores_output(torch.from_numpy(out), p.check_sets))
@@ -302,6 +315,8 @@ class SklearnLoop(Contender):
     def memory_estimate(self, workload: str, s: Shape, itemsize: int = 8) -> float:
         if workload == "pool":
             return itemsize * (4.0 * s.M * s.K + s.B * s.M)
+        if workload == "paired":
+            return itemsize * (4.0 * s.Q * s.K + s.B * s.Q)
         return itemsize * 6.0 * s.N * (s.K + s.D)
 
 
@@ -328,22 +343,23 @@ def loop_em(x: Tensor, w: Tensor, lw: Tensor, mu: Tensor, var: Tensor, n_iter: i
 
 class TorchLoop(Contender):
     """A plain PyTorch loop over sets: :func:`loop_em` per set (autograd for the backward),
-    and a torch.distributions.MixtureSameFamily per set for pool scoring."""
+    and a torch.distributions.MixtureSameFamily per set for pool and paired scoring."""
 
     name = "torch_loop"
     title = "torch loop"
 
     def prepare(self, problem: Problem, workload: str) -> Prepared:
         s, p = problem.shape, problem
-        if workload == "pool":
+        if workload in ("pool", "paired"):
             D = torch.distributions
-            lw, mu, var = p.pool_model
+            lw, mu, var = p.fitted_model
 
             def score() -> Tensor:
                 rows = []
                 for b in range(s.B):
                     comp = D.Independent(D.Normal(mu[b], var[b].sqrt()), 1)
-                    rows.append(D.MixtureSameFamily(D.Categorical(logits=lw[b]), comp).log_prob(p.pool_z))
+                    z = p.pool_z if workload == "pool" else p.paired_z[b]
+                    rows.append(D.MixtureSameFamily(D.Categorical(logits=lw[b]), comp).log_prob(z))
                 return torch.stack(rows)
 
             return Prepared(score, lambda out: _scores_output(out, p.check_sets))
@@ -359,6 +375,8 @@ class TorchLoop(Contender):
     def memory_estimate(self, workload: str, s: Shape, itemsize: int = 4) -> float:
         if workload == "pool":
             return itemsize * (4.0 * s.M * s.K * s.D + s.B * s.M)
+        if workload == "paired":
+            return itemsize * (4.0 * s.Q * s.K * s.D + s.B * s.Q)
         per_set = 4.0 * s.N * s.K * s.D
         if workload == "forward":
             return itemsize * per_set

@@ -178,12 +178,14 @@ def run_core_targets(args: argparse.Namespace) -> int:
     records: List[Dict[str, object]] = []
     projector = Projector()
     with Workers(args.device, args.threads) as workers:
-        for workload, names in (("forward", ["s2m_ext", "sklearn", "reference"]), ("fwd_bwd", ["s2m_ext", "reference"])):
+        for workload, names in (("forward", ["s2m_ext", "sklearn", "reference", "compiled"]),
+                                ("fwd_bwd", ["s2m_ext", "reference", "compiled"]),
+                                ("pool", ["s2m_ext", "compiled"]), ("paired", ["s2m_ext", "compiled"])):
             s.contenders = names
             log(f"[{workload}]")
             records.append(run_cell(Cell(workload, shape, ("core",)), s, projector, None, workers))
     memory_ratios(records)
-    targets = evaluate_targets(records)
+    targets = [t for t in evaluate_targets(records) if t["shape"] == shape.label(str(t["workload"]))]
     prof = None
     if args.device == "cpu":
         threads = sorted({1, torch.get_num_threads()})

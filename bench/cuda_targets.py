@@ -165,7 +165,7 @@ def target_pool(quick: bool, log: Callable[[str], None], device: str = "cuda",
     score = CONTENDERS[BASELINE].prepare(problem, "pool")
     out = score.call()
     rows = torch.randperm(shape.M, generator=torch.Generator().manual_seed(2))[:2000].to(device)
-    model64 = [t.double() for t in problem.pool_model]
+    model64 = [t.double() for t in problem.fitted_model]
     ref = reference.log_prob_pool(problem.pool_z[rows].double(), *model64)
     rel = ((out[:, rows].double() - ref).abs().max() / ref.abs().max()).item()
     del out

@@ -12,7 +12,7 @@ from .conftest import baseline_output, problem_for
 from .contenders import BASELINE, CONTENDERS, DEFAULT_CONTENDERS, validity
 from .workloads import NAMED_SHAPES, WORKLOADS, Shape
 
-SHAPES = {"paper": NAMED_SHAPES["paper"], "small": Shape(B=16, N=32, D=16, K=3, T=5, M=64)}
+SHAPES = {"paper": NAMED_SHAPES["paper"], "small": Shape(B=16, N=32, D=16, K=3, T=5, M=64, Q=7)}
 
 
 def _slow_compile(name: str, workload: str, shape_name: str):

@@ -14,7 +14,7 @@ from .contenders import CHECK_RTOL, CONTENDERS, compare, validity
 from .run import main
 from .timing import Budget, local_sampler, side_by_side
 from .worker import WorkerError, Workers, calibrate
-from .workloads import NAMED_SHAPES, SWEEP_FIELDS, SWEEPS_QUICK, Shape, flops, make_problem, plan
+from .workloads import NAMED_SHAPES, SWEEP_FIELDS, SWEEPS_QUICK, WORKLOADS, Shape, flops, make_problem, plan
 
 
 class FakeClock:
@@ -180,7 +180,7 @@ def test_summary_command_end_to_end(tmp_path, capsys) -> None:
     for key in ("device_name", "cpu_model", "torch", "torch_cuda", "git", "load_average", "date"):
         assert key in meta
     assert meta["git"]["commit"]
-    assert {c["workload"] for c in data["cells"]} == {"forward", "fwd_bwd", "pool"}
+    assert {c["workload"] for c in data["cells"]} == set(WORKLOADS)
     for cell in data["cells"]:
         entries = cell["contenders"]
         assert entries["s2m_ext"]["median_s"] > 0

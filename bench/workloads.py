@@ -1,14 +1,16 @@
 """Workloads of the benchmark suite: shapes, the inputs every contender shares, and the FLOP
 and byte models used to turn times into throughput (formulas explained in bench/NOTES.md).
 
-Three workloads:
+Four workloads:
 
 * ``forward``  T EM iterations from given initial parameters (plus the final E-step that
   gives the log-likelihood of the fitted model), no gradient;
 * ``fwd_bwd``  the same under autograd, then the gradient of a fixed random linear function of
   the fitted (log_weights, means, variances) with respect to the points x;
 * ``pool``     log-density of every item of a shared pool z (M, D) under every one of the B
-  fitted mixtures -> (B, M) (retrieval scoring), no gradient.
+  fitted mixtures -> (B, M) (retrieval scoring), no gradient;
+* ``paired``   log-density of Q queries per set, z (B, Q, D), each row under its own set's
+  fitted mixture -> (B, Q) (the scoring of a training episode), no gradient.
 
 Every contender gets the same tensors (same seed), float32, all point weights 1 (scikit-learn
 has no point weights), and the same initial parameters: one batched k-means++ draw made
@@ -24,7 +26,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-WORKLOADS: Tuple[str, ...] = ("forward", "fwd_bwd", "pool")
+WORKLOADS: Tuple[str, ...] = ("forward", "fwd_bwd", "pool", "paired")
+
+#: The workloads that score a fitted model (the rest fit one).
+SCORING_WORKLOADS: Tuple[str, ...] = ("pool", "paired")
 
 #: variance floor handed to every contender (s2m_ext's default; scikit-learn's reg_covar).
 VAR_FLOOR = 1e-3
@@ -36,9 +41,11 @@ CHECK_SETS = 64
 
 @dataclass(frozen=True, order=True)
 class Shape:
-    """B sets of N points in D dimensions, K components, T EM iterations, M pool items.
+    """B sets of N points in D dimensions, K components, T EM iterations, M pool items,
+    Q paired queries per set.
 
-    M only matters for the ``pool`` workload and T only for ``forward``/``fwd_bwd``."""
+    M only matters for the ``pool`` workload, Q only for ``paired``, and N only for
+    ``forward``/``fwd_bwd`` (T also fits the model the scoring workloads score)."""
 
     B: int
     N: int
@@ -46,16 +53,21 @@ class Shape:
     K: int
     T: int = 10
     M: int = 1024
+    Q: int = 64
 
     def label(self, workload: str) -> str:
         if workload == "pool":
             return f"B{self.B} M{self.M} D{self.D} K{self.K}"
+        if workload == "paired":
+            return f"B{self.B} Q{self.Q} D{self.D} K{self.K}"
         return f"B{self.B} N{self.N} D{self.D} K{self.K} T{self.T}"
 
     def key(self, workload: str) -> Tuple[int, ...]:
         """The fields that define the work of ``workload`` (used to de-duplicate cells)."""
         if workload == "pool":
             return (self.B, self.M, self.D, self.K)
+        if workload == "paired":
+            return (self.B, self.Q, self.D, self.K)
         return (self.B, self.N, self.D, self.K, self.T)
 
     def replace(self, **fields: int) -> "Shape":
@@ -69,11 +81,14 @@ class Shape:
 #: of 10 images, 100-d descriptors, GMM2; a pool of 5 x 20 relevant+irrelevant items).
 #: "core": the shape of the core speed targets. "medium" and "large": the GPU targets' scale
 #: ladder (large is GPU scale: on the CPU only s2m_ext runs it, and only without --quick).
+#: "bigset": a few sets of thousands of points (whole-slide images as 10^4 patch embeddings of
+#: a ViT, K prototypes), asked for by name only (``--shapes bigset``).
 NAMED_SHAPES: Dict[str, Shape] = {
-    "paper": Shape(B=5, N=10, D=100, K=2, T=10, M=100),
-    "core": Shape(B=256, N=64, D=128, K=4, T=10, M=1024),
-    "medium": Shape(B=1024, N=64, D=128, K=4, T=10, M=1024),
-    "large": Shape(B=16384, N=256, D=256, K=8, T=10, M=16384),
+    "paper": Shape(B=5, N=10, D=100, K=2, T=10, M=100, Q=20),
+    "core": Shape(B=256, N=64, D=128, K=4, T=10, M=1024, Q=64),
+    "medium": Shape(B=1024, N=64, D=128, K=4, T=10, M=1024, Q=64),
+    "large": Shape(B=16384, N=256, D=256, K=8, T=10, M=16384, Q=256),
+    "bigset": Shape(B=4, N=16384, D=768, K=16, T=3, M=1024, Q=64),
 }
 
 #: The base each sweep varies one field of: "core" on the CPU, "medium" on a GPU.
@@ -89,6 +104,7 @@ SWEEPS_FULL: Dict[str, Dict[str, List[int]]] = {
         "K": [1, 2, 4, 8, 16],
         "T": [1, 3, 10, 30],
         "M": [128, 512, 1024, 4096, 16384],
+        "Q": [16, 64, 256, 1024],
     },
     "cuda": {
         "B": [64, 256, 1024, 4096, 16384],
@@ -97,21 +113,23 @@ SWEEPS_FULL: Dict[str, Dict[str, List[int]]] = {
         "K": [1, 2, 4, 8, 16],
         "T": [1, 3, 10, 30],
         "M": [1024, 4096, 16384, 65536],
+        "Q": [16, 64, 256, 1024],
     },
 }
 SWEEPS_QUICK: Dict[str, Dict[str, List[int]]] = {
     "cpu": {"B": [16, 256, 1024], "N": [16, 64, 256], "D": [32, 128, 256], "K": [1, 4, 16], "T": [1, 10, 30],
-            "M": [256, 1024, 4096]},
+            "M": [256, 1024, 4096], "Q": [16, 64, 256]},
     "cuda": {"B": [256, 1024, 16384], "N": [16, 64, 256], "D": [32, 128, 256], "K": [1, 4, 16], "T": [1, 10, 30],
-             "M": [1024, 16384, 65536]},
+             "M": [1024, 16384, 65536], "Q": [16, 64, 256]},
 }
 
-#: The fields each workload is swept over (T does not change pool scoring; N does not either:
-#: the pool's size is M).
+#: The fields each workload is swept over (T does not change the scoring workloads' work; N
+#: does not either: their sizes are M and Q).
 SWEEP_FIELDS: Dict[str, Tuple[str, ...]] = {
     "forward": ("B", "N", "D", "K", "T"),
     "fwd_bwd": ("B", "N", "D", "K", "T"),
     "pool": ("B", "M", "D", "K"),
+    "paired": ("B", "Q", "D", "K"),
 }
 
 
@@ -123,8 +141,8 @@ class Problem:
     x (B,N,D); weights (B,N) all ones; init = (log_weights (B,K), means (B,K,D),
     variances (B,K,D)) from one k-means++ draw; cotangents = fixed random (B,K), (B,K,D),
     (B,K,D) tensors: ``fwd_bwd`` differentiates sum(cot_lw*lw) + sum(cot_mu*mu) +
-    sum(cot_var*var) of the fitted parameters; pool = z (M,D) and the fitted model
-    (log_weights, means, variances) that scores it.
+    sum(cot_var*var) of the fitted parameters; pool_z (M,D) or paired_z (B,Q,D) and the
+    fitted model (log_weights, means, variances) that scores it.
     """
 
     shape: Shape
@@ -135,7 +153,8 @@ class Problem:
     init: Tuple[Tensor, Tensor, Tensor]
     cotangents: Tuple[Tensor, Tensor, Tensor]
     pool_z: Optional[Tensor] = None
-    pool_model: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+    fitted_model: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+    paired_z: Optional[Tensor] = None
     var_floor: float = VAR_FLOOR
     #: (<= CHECK_SETS,) sorted indices of the sets whose outputs are compared between contenders
     check_sets: Optional[Tensor] = None
@@ -178,16 +197,20 @@ def make_problem(
     # Its own generator: the inputs above do not depend on how many sets are checked.
     pick = torch.randperm(B, generator=torch.Generator().manual_seed(seed + 1))[:CHECK_SETS]
     problem.check_sets = pick.sort().values
-    if workload == "pool":
+    if workload in SCORING_WORKLOADS:
         with torch.no_grad():
             fitted = s2m_ext.fit_gmm(
                 x, weights, init=s2m_ext.DiagGMM(*init), n_iter=shape.T, var_floor=VAR_FLOOR
             )
-        problem.pool_model = tuple(t.contiguous() for t in fitted.params())
-        # Pool items: points of random sets plus noise, so that scores are in a realistic range.
-        src = x_drawn.reshape(B * N, D)[torch.randint(0, B * N, (shape.M,), generator=gen, device=draw_on)]
-        z = src + 0.5 * torch.randn(shape.M, D, generator=gen, dtype=dtype, device=draw_on)
-        problem.pool_z = z.to(device).contiguous()
+        problem.fitted_model = tuple(t.contiguous() for t in fitted.params())
+        # Items: points of random sets plus noise, so that scores are in a realistic range.
+        count = shape.M if workload == "pool" else B * shape.Q
+        src = x_drawn.reshape(B * N, D)[torch.randint(0, B * N, (count,), generator=gen, device=draw_on)]
+        z = src + 0.5 * torch.randn(count, D, generator=gen, dtype=dtype, device=draw_on)
+        if workload == "pool":
+            problem.pool_z = z.to(device).contiguous()
+        else:
+            problem.paired_z = z.view(B, shape.Q, D).to(device).contiguous()
         # x, init and cotangents are not needed to score: drop them to keep memory honest.
         problem.x = x.new_empty(0, N, D)  # (a view would keep x's storage alive)
         problem.weights = weights.new_empty(0, N)
@@ -201,6 +224,7 @@ FLOPS_E_STEP = 4  # diff, square, scale by 1/v, accumulate
 FLOPS_M_STEP = 6  # mean: scale, accumulate; centred variance: diff, square, scale, accumulate
 FLOPS_BACKWARD_ITER = 24  # recomputed E-step (4) + reverse of the M-step (10) and E-step (10)
 FLOPS_POOL = 4  # per (pool item, set, component, dimension): the same quadratic form
+FLOPS_PAIRED = FLOPS_POOL  # per (query, component, dimension)
 
 
 def flops(workload: str, s: Shape) -> float:
@@ -213,6 +237,8 @@ def flops(workload: str, s: Shape) -> float:
         return forward + s.T * FLOPS_BACKWARD_ITER * nkd
     if workload == "pool":
         return FLOPS_POOL * float(s.B) * s.M * s.K * s.D
+    if workload == "paired":
+        return FLOPS_PAIRED * float(s.B) * s.Q * s.K * s.D
     raise ValueError(f"unknown workload {workload!r}")
 
 
@@ -232,6 +258,8 @@ def compulsory_bytes(workload: str, s: Shape, itemsize: int = 4) -> float:
         return itemsize * (points + params + trajectory + points + trajectory + params + s.B * s.N * s.D)
     if workload == "pool":
         return itemsize * (s.M * s.D + params + s.B * s.M)
+    if workload == "paired":
+        return itemsize * (s.B * s.Q * s.D + params + s.B * s.Q)
     raise ValueError(f"unknown workload {workload!r}")
 
 
@@ -278,5 +306,6 @@ def describe_flops() -> str:
     """One-line summary of the FLOP model, for the JSON results."""
     return (
         f"forward = (T*{FLOPS_E_STEP + FLOPS_M_STEP} + {FLOPS_E_STEP})*B*N*K*D; "
-        f"fwd_bwd = forward + T*{FLOPS_BACKWARD_ITER}*B*N*K*D; pool = {FLOPS_POOL}*B*M*K*D"
+        f"fwd_bwd = forward + T*{FLOPS_BACKWARD_ITER}*B*N*K*D; pool = {FLOPS_POOL}*B*M*K*D; "
+        f"paired = {FLOPS_PAIRED}*B*Q*K*D"
     )
