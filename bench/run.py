@@ -25,13 +25,14 @@ from . import env
 from .contenders import BASELINE, CONTENDERS, DEFAULT_CONTENDERS, validity
 from .timing import Budget, side_by_side
 from .worker import WorkerError, Workers, calibrate, remote_sample
-from .workloads import NAMED_SHAPES, WORKLOADS, Cell, compulsory_bytes, describe_flops, flops, plan
+from .workloads import NAMED_SHAPES, WORKLOADS, Cell, compulsory_bytes, describe_flops, flops, parse_shape, plan
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-#: Named shapes whose cells are always measured for every contender that can run them
-#: (never skipped by the time projection): the paper's scale and the core target shape.
-FORCED = ("paper", "core")
+#: Tags of the cells always measured for every contender that can run them (never skipped
+#: by the time projection, only for memory): the paper's scale, the target shapes, and the
+#: shapes asked for one by one (--shape).
+FORCED = ("paper", "core", "bigset", "custom")
 
 #: Seconds a contender may take to build its inputs, compile and run its first call.
 PREPARE_TIMEOUT_S = 1800.0
@@ -412,7 +413,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                     help="comma list of %(default)s (also: " + ", ".join(sorted(set(CONTENDERS) - set(DEFAULT_CONTENDERS)))
                     + ", s2m_ext with its CPU kernels forced to a lower level)")
     ap.add_argument("--shapes", default="paper,core,medium,large", help="named shapes (comma list)")
-    ap.add_argument("--no-sweeps", action="store_true", help="only the named shapes")
+    ap.add_argument("--shape", action="append", default=[], metavar="SPEC",
+                    help="also this shape, written as its label: --shape 'B4 N4096 D768 K16 T3' (repeatable)")
+    ap.add_argument("--no-sweeps", action="store_true", help="only the named shapes (and --shape)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--cap-seconds", type=float, default=None,
@@ -434,6 +437,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     for n in args.shapes:
         if n not in NAMED_SHAPES:
             ap.error(f"unknown shape {n!r}; choose from {', '.join(NAMED_SHAPES)}")
+    try:
+        args.shape = [parse_shape(spec) for spec in args.shape]
+    except ValueError as exc:
+        ap.error(f"--shape: {exc}")
     if BASELINE in args.contenders:  # the baseline runs first: its output is what others are checked against
         args.contenders.remove(BASELINE)
     args.contenders.insert(0, BASELINE)
@@ -459,7 +466,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     meta = env.describe(args.device)
     peaks = meta.get("gpu_peaks") if args.device == "cuda" else None
-    cells = plan(args.device, args.quick, args.workloads, args.shapes, sweeps=not args.no_sweeps)
+    cells = plan(args.device, args.quick, args.workloads, args.shapes, sweeps=not args.no_sweeps, extra=args.shape)
     log(f"s2m_ext benchmark: {len(cells)} cells on {meta['device_name']} ({'quick' if args.quick else 'full'}), "
         f"load average {meta['load_average']}")
     projector = Projector()

@@ -14,7 +14,7 @@ from .contenders import CHECK_RTOL, CONTENDERS, compare, validity
 from .run import main
 from .timing import Budget, local_sampler, side_by_side
 from .worker import WorkerError, Workers, calibrate
-from .workloads import NAMED_SHAPES, SWEEP_FIELDS, SWEEPS_QUICK, WORKLOADS, Shape, flops, make_problem, plan
+from .workloads import NAMED_SHAPES, SWEEP_FIELDS, SWEEPS_QUICK, WORKLOADS, Shape, flops, make_problem, parse_shape, plan
 
 
 class FakeClock:
@@ -162,6 +162,18 @@ def test_plan_covers_every_sweep_once_in_flop_order() -> None:
             assert swept == sorted(SWEEPS_QUICK["cpu"][field]), (workload, field)
         for name in ("paper", "core", "large"):
             assert any(name in c.tags for c in mine)
+
+
+def test_custom_shapes_parse_and_join_the_plan() -> None:
+    shape = parse_shape("B4 N4096 D768 K16 T3")
+    assert shape == Shape(B=4, N=4096, D=768, K=16, T=3)
+    assert parse_shape(shape.label("forward")) == shape and parse_shape("B=4,N=9,D=2,K=1,Q=5").Q == 5
+    for bad, says in (("B4 N9 D2", "lacks K"), ("B4 N9 D2 K1 X3", "'X3'"), ("B4 B5 N9 D2 K1", "'B5'"),
+                      ("B0 N9 D2 K1", ">= 1")):
+        with pytest.raises(ValueError, match=says):
+            parse_shape(bad)
+    cells = plan("cpu", quick=True, workloads=("fwd_bwd",), named=(), sweeps=False, extra=[shape])
+    assert [(c.shape, c.tags) for c in cells] == [(shape, ("custom",))]
 
 
 def test_summary_command_end_to_end(tmp_path, capsys) -> None:

@@ -20,6 +20,7 @@ before timing starts, so initialisation is never part of a timed call.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -274,8 +275,27 @@ class Cell:
     tags: Tuple[str, ...]
 
 
+def parse_shape(spec: str) -> Shape:
+    """A shape written as its label, e.g. ``B4 N4096 D768 K16 T3`` (spaces or commas between
+    fields; T, M and Q may be left out: 10, 1024 and 64)."""
+    fields = {}
+    for part in spec.replace(",", " ").split():
+        match = re.fullmatch(r"([BNDKTMQ])=?([0-9]+)", part.strip())
+        if match is None or match.group(1) in fields:
+            raise ValueError(f"shape {spec!r}: expected fields like B4 N4096 D768 K16 T3 (each of B N D K once, "
+                             f"T M Q optional), got {part!r}")
+        fields[match.group(1)] = int(match.group(2))
+    missing = [f for f in "BNDK" if f not in fields]
+    if missing:
+        raise ValueError(f"shape {spec!r} lacks {', '.join(missing)}")
+    if min(fields.values()) < 1:
+        raise ValueError(f"shape {spec!r}: every field must be >= 1")
+    return Shape(**fields)
+
+
 def plan(device: str, quick: bool, workloads: Sequence[str] = WORKLOADS,
-         named: Sequence[str] = ("paper", "core", "medium", "large"), sweeps: bool = True) -> List[Cell]:
+         named: Sequence[str] = ("paper", "core", "medium", "large"), sweeps: bool = True,
+         extra: Sequence[Shape] = ()) -> List[Cell]:
     """The cells of a summary run, de-duplicated (a sweep's base point is measured once),
     ordered by workload, then by model FLOPs so that slow contenders can be projected from
     smaller cells and skipped before they blow the time budget."""
@@ -293,6 +313,8 @@ def plan(device: str, quick: bool, workloads: Sequence[str] = WORKLOADS,
 
         for name in named:
             add(NAMED_SHAPES[name], name)
+        for shape in extra:
+            add(shape, "custom")
         if sweeps:
             for field in SWEEP_FIELDS[workload]:
                 for value in table[device][field]:
