@@ -104,6 +104,22 @@ def _checks_values(t: Tensor) -> bool:
     return value_checks_enabled() and t.numel() > 0 and not t.is_meta
 
 
+def check_scored_queries(z: Tensor, scores: Tensor, name: str, dims: int) -> None:
+    """:func:`check_finite` of the queries ``z`` (..., D), made after scoring them, on the
+    queries whose score is NaN or +-Inf only. Each score sums over all D coordinates of its
+    query, so a NaN or +-Inf in a query, or a squared distance that overflows, leaves its
+    score NaN or -inf: the queries that score finitely need no reading, and the check costs a
+    pass over the (..., n) scores instead of one over z. ``scores`` is (B, n) for z (n, D)
+    (pool scoring) or has z's leading shape (paired scoring)."""
+    if not _checks_values(z):
+        return
+    suspect = ~torch.isfinite(scores.detach())
+    if z.dim() == 2:
+        suspect = suspect.any(0)
+    if bool(suspect.any()):
+        check_finite(z.detach()[suspect], name, dims=dims)
+
+
 def check_finite(t: Tensor, name: str, dims: Optional[int] = None) -> float:
     """Refuse NaN/Inf in t and, with ``dims``, values beyond :func:`magnitude_bound`.
     Returns max |t| (0 when the check is skipped or t is empty)."""

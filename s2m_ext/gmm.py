@@ -116,13 +116,14 @@ class DiagGMM:
 
     # ------------------------------------------------------------------ scoring
     def _check_points(self, z, name: str, ndim: int, shape: str) -> Tensor:
+        """The checks of queries made before scoring them; their values are checked after
+        (:func:`~s2m_ext._validation.check_scored_queries`)."""
         V.check_tensor(z, name, ndim, shape)
         if z.dtype != self.dtype:
             raise TypeError(f"{name} must have the dtype of the mixture ({self.dtype}), got {z.dtype}")
         V.check_same_device(z, name, self.means, "the mixture")
         if z.shape[-1] != self.dim:
             raise ValueError(f"{name}.shape[-1] must equal the mixture dimension D = {self.dim}, got {z.shape[-1]}")
-        V.check_finite(z, name, dims=self.dim)
         return z
 
     def log_prob(self, z: Tensor) -> Tensor:
@@ -130,7 +131,9 @@ class DiagGMM:
         self._check_points(z, "z", 3, "(B, Q, D)")
         if z.shape[0] != self.batch_size:
             raise ValueError(f"z.shape[0] must equal the number of mixtures B = {self.batch_size}, got {z.shape[0]}")
-        return ops.score_paired(z, *self.params())
+        scores = ops.score_paired(z, *self.params())
+        V.check_scored_queries(z, scores, "z", self.dim)
+        return scores
 
     def log_prob_pool(self, z: Tensor) -> Tensor:
         """Log-density of every item of a shared pool z (M, D) under every mixture -> (B, M).
@@ -140,7 +143,9 @@ class DiagGMM:
         centre divided by the variances. On CUDA a fused kernel evaluates the quadratic form
         directly."""
         self._check_points(z, "z", 2, "(M, D)")
-        return ops.score_pool(z, *self.params())
+        scores = ops.score_pool(z, *self.params())
+        V.check_scored_queries(z, scores, "z", self.dim)
+        return scores
 
     def topk_pool(self, pool, k: int, chunk_size: Optional[int] = None, **kwargs) -> Tuple[Tensor, Tensor]:
         """The k best items of a pool under every mixture -> (values, indices), each (B, min(k, M)),

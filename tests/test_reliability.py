@@ -163,10 +163,34 @@ def test_points_beyond_the_representable_range_are_refused(dtype):
     with pytest.raises(ValueError, match=r"x must satisfy \|x\| <="):
         s2m_ext.fit_gmm(x, n_components=1, n_iter=1)
     gmm = DiagGMM(torch.zeros(1, 1, dtype=dtype), torch.zeros(1, 1, 2, dtype=dtype), torch.ones(1, 1, 2, dtype=dtype))
+    # Queries are checked where their score is not finite: past the bound a query is scored
+    # while its squared distances stay finite, and refused once one overflows.
+    assert torch.isfinite(gmm.log_prob(x)).all() and torch.isfinite(gmm.log_prob_pool(x[0])).all()
+    x[0, 0, 0] = 1.01 * math.sqrt(torch.finfo(dtype).max)
     with pytest.raises(ValueError, match=r"z must satisfy \|z\| <="):
         gmm.log_prob(x)
+    with pytest.raises(ValueError, match=r"z must satisfy \|z\| <="):
+        gmm.log_prob_pool(x[0])
     with pytest.raises(ValueError, match=r"means must satisfy"):
         DiagGMM(torch.zeros(1, 1, dtype=dtype), x[:, :1], torch.ones(1, 1, 2, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_query_coordinate_is_refused_wherever_it_is(dtype, bad):
+    # The queries' values are checked after scoring, on the rows scored NaN or +-Inf: every
+    # single bad coordinate must leave its row's score non-finite, in both scoring paths.
+    B, Q, D, K = 3, 6, 5, 3
+    gmm = DiagGMM(torch.log_softmax(torch.randn(B, K, dtype=dtype), 1), torch.randn(B, K, D, dtype=dtype),
+                  torch.rand(B, K, D, dtype=dtype) + 0.5)
+    z = torch.randn(B, Q, D, dtype=dtype)
+    for b, q, d in [(0, 0, 0), (2, 5, 4), (1, 3, 2)] + [tuple(int(torch.randint(n, (1,))) for n in (B, Q, D))]:
+        bad_z = z.clone()
+        bad_z[b, q, d] = bad
+        with pytest.raises(ValueError, match="^z must be finite"):
+            gmm.log_prob(bad_z)
+        with pytest.raises(ValueError, match="^z must be finite"):
+            gmm.log_prob_pool(bad_z[b])
 
 
 def test_var_floor_must_be_finite_in_the_dtype_of_x():
