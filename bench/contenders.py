@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .workloads import Problem, Shape
+from .workloads import SCORING_WORKLOADS, Problem, Shape
 
 Output = Dict[str, Tensor]
 LOG_2PI = math.log(2.0 * math.pi)
@@ -112,12 +112,10 @@ class S2M(Contender):
         import s2m_ext
 
         s, p = problem.shape, problem
-        if workload == "pool":
+        if workload in SCORING_WORKLOADS:
             gmm = s2m_ext.DiagGMM(*p.fitted_model)
-            return Prepared(lambda: gmm.log_prob_pool(p.pool_z), lambda out: _scores_output(out, p.check_sets))
-        if workload == "paired":
-            gmm = s2m_ext.DiagGMM(*p.fitted_model)
-            return Prepared(lambda: gmm.log_prob(p.paired_z), lambda out: _scores_output(out, p.check_sets))
+            score, z = (gmm.log_prob_pool if workload == "pool" else gmm.log_prob), p.queries(workload)
+            return Prepared(lambda: score(z), lambda out: _scores_output(out, p.check_sets))
         init = s2m_ext.DiagGMM(*p.init)
 
         def fit(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -185,14 +183,11 @@ class Reference(Contender):
         from s2m_ext import reference
 
         p = problem
-        if workload == "pool":
-            pool = self.wrap(reference.log_prob_pool)
-            return Prepared(lambda: pool(p.pool_z, *p.fitted_model), lambda out: _scores_output(out, p.check_sets),
+        if workload in SCORING_WORKLOADS:
+            score = self.wrap(reference.log_prob_pool if workload == "pool" else reference.log_prob)
+            z = p.queries(workload)
+            return Prepared(lambda: score(z, *p.fitted_model), lambda out: _scores_output(out, p.check_sets),
                             self.compiles)
-        if workload == "paired":
-            paired = self.wrap(reference.log_prob)
-            return Prepared(lambda: paired(p.paired_z, *p.fitted_model),
-                            lambda out: _scores_output(out, p.check_sets), self.compiles)
         em = self.wrap(functools.partial(reference.em_fit, n_iter=p.shape.T, var_floor=p.var_floor))
 
         def fit(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
@@ -263,9 +258,9 @@ class SklearnLoop(Contender):
         from sklearn.mixture import GaussianMixture
 
         s, p = problem.shape, problem
-        if workload in ("pool", "paired"):
+        if workload in SCORING_WORKLOADS:
             lw, mu, var = (self._numpy(t) for t in p.fitted_model)
-            z = self._numpy(p.pool_z if workload == "pool" else p.paired_z)
+            z = self._numpy(p.queries(workload))
             models: List[GaussianMixture] = []
             for b in range(s.B):
                 gm = GaussianMixture(s.K, covariance_type="diag")
@@ -350,15 +345,16 @@ class TorchLoop(Contender):
 
     def prepare(self, problem: Problem, workload: str) -> Prepared:
         s, p = problem.shape, problem
-        if workload in ("pool", "paired"):
+        if workload in SCORING_WORKLOADS:
             D = torch.distributions
             lw, mu, var = p.fitted_model
+            queries = p.queries(workload)
 
             def score() -> Tensor:
                 rows = []
                 for b in range(s.B):
                     comp = D.Independent(D.Normal(mu[b], var[b].sqrt()), 1)
-                    z = p.pool_z if workload == "pool" else p.paired_z[b]
+                    z = queries if workload == "pool" else queries[b]
                     rows.append(D.MixtureSameFamily(D.Categorical(logits=lw[b]), comp).log_prob(z))
                 return torch.stack(rows)
 

@@ -160,6 +160,12 @@ class Problem:
     #: (<= CHECK_SETS,) sorted indices of the sets whose outputs are compared between contenders
     check_sets: Optional[Tensor] = None
 
+    def queries(self, workload: str) -> Tensor:
+        """What a scoring workload scores: pool_z (M,D) or paired_z (B,Q,D)."""
+        z = self.pool_z if workload == "pool" else self.paired_z
+        assert z is not None, f"no queries for {workload!r}"
+        return z
+
 
 def make_problem(
     shape: Shape,
