@@ -181,4 +181,5 @@ SHAPES = [
     ("tiny-scale", 3, 25, 5, 2, {"scale": 1e-4}),
     ("huge-scale", 3, 25, 5, 2, {"scale": 1e4}),
     ("no-floor", 3, 25, 5, 3, {"var_floor": 0.0}),
+    ("chunks", 2, 1100, 3, 3, {}),  # three point chunks of the CPU kernels, the last one partial
 ]

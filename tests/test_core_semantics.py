@@ -159,6 +159,72 @@ def test_cpu_results_do_not_depend_on_the_thread_count():
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_set_of_several_point_chunks_gives_the_same_bits_on_any_thread_count(dtype):
+    """With fewer sets than threads, the CPU EM kernels split each set's points over the
+    threads in fixed chunks (kChunkPoints = 512) whose sums are added in chunk order. A set of
+    four chunks (the last one partial, the second one without weight) gives the same bits
+    alone on 1, 2 and 3 threads (chunks in parallel) and as one set of a batch of 3 (sets in
+    parallel): the fit, its log-likelihood and every gradient, forward and backward."""
+    N, D, K = 1900, 5, 3
+    x = torch.randn(1, N, D, dtype=dtype)
+    x[0, N // 2 :] += 4.0  # two clusters across the chunk boundaries
+    w = 0.5 + torch.rand(1, N, dtype=dtype)
+    w[0, 512:1024] = 0.0
+    lw = torch.full((1, K), -math.log(K), dtype=dtype)
+    mu = x[:, [0, 1100, 1800]].clone()
+    var = torch.ones(1, K, D, dtype=dtype)
+    steps = 6
+    g = [torch.randn(steps, 1, *shape, dtype=dtype) for shape in ((K,), (K, D), (K, D))]
+
+    def run(batch, threads):
+        torch.set_num_threads(threads)
+        rep = [t.repeat(batch, *([1] * (t.dim() - 1))) for t in (x, w, lw, mu, var)]
+        fit = s2m_ext.ops.em_fit(*rep, steps - 1, 1e-3, 0.0, True)
+        grads = [t.repeat(1, batch, *([1] * (t.dim() - 2))) for t in g]
+        back = s2m_ext.ops.em_fit_backward(*grads, rep[0], rep[1], *fit[:3], fit[4], 1e-3)
+        fit_0 = [t[:, :1] for t in fit[:3]] + [fit[3][:1]]
+        return fit_0 + [t[:1] for t in back]
+
+    threads = torch.get_num_threads()
+    try:
+        runs = {(1, 1): run(1, 1), (1, 2): run(1, 2), (1, 3): run(1, 3), (3, 2): run(3, 2)}
+    finally:
+        torch.set_num_threads(threads)
+    names = ("log_weights", "means", "variances", "loglik", "d/dx", "d/dw", "d/dlw0", "d/dmu0", "d/dvar0")
+    for key, got in runs.items():
+        for name, a, b in zip(names, got, runs[(1, 1)]):
+            assert torch.equal(a, b), f"{name}: {key[0]} set(s) on {key[1]} thread(s) differ from one thread"
+
+
+def test_point_chunks_on_other_threads_run_in_the_callers_floating_point_mode():
+    """The CPU backward flushes subnormal results to zero (FTZ/DAZ) on its thread; the point
+    chunks it hands to other threads must run in the same mode. With an upstream gradient of
+    1e-36 on the means of two clusters of 950 points, every contribution to d/dx (about
+    1e-36 / 950) is below float32's smallest normal, so d/dx is exactly 0, on one thread and
+    on two."""
+    N, D, K = 1900, 4, 2
+    x = torch.randn(1, N, D)
+    x[0, N // 2 :] += 10.0
+    w = torch.ones(1, N)
+    lw = torch.full((1, K), -math.log(K))
+    mu, var = x[:, [0, 1500]].clone(), torch.ones(1, K, D)
+    fit = s2m_ext.ops.em_fit(x, w, lw, mu, var, 2, 1e-3, 0.0, True)
+    g_mu = torch.full_like(fit[1], 1e-36)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(s2m_ext.ops.em_fit_backward(None, g_mu, None, x, w, *fit[:3], fit[4], 1e-3))
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(("d/dx", "d/dw", "d/dlw0", "d/dmu0", "d/dvar0"), *runs):
+        assert torch.equal(a, b), name
+    assert not runs[1][0].any(), "d/dx: subnormal contributions survived on another thread"
+    assert torch.equal(runs[0][3], g_mu[0]), "d/dmu0: the upstream gradient of step 0 passes as it is"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kmeanspp_op_matches_reference(dtype, device):

@@ -34,6 +34,7 @@ SHAPES = [
     dict(B=2, N=24, D=9, K=3, duplicate=True),
     dict(B=2, N=33, D=6, K=2, scale=1e6),
     dict(B=2, N=33, D=6, K=2, scale=1e-6),
+    dict(B=1, N=1100, D=6, K=3),  # three point chunks
 ]
 
 CHILD = textwrap.dedent(

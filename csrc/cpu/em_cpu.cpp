@@ -1,5 +1,5 @@
-// CPU glue of the fused EM ops: checks, allocation, and a parallel loop over sets that
-// runs the torch-free per-set kernels (em_set.h) of the active instruction-set level.
+// CPU glue of the fused EM ops: checks, allocation, and a parallel loop over sets (or over one
+// set's point chunks) that runs the torch-free per-set kernels (em_set.h) of the active level.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -10,6 +10,23 @@
 namespace s2m {
 namespace cpu {
 namespace {
+
+void intra_op_range(int64_t n, void* ctx, void (*body)(void*, int64_t, int64_t)) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) { body(ctx, begin, end); });
+}
+
+// Runs a kernel over all B sets: sets in parallel, or, with fewer sets than threads and sets of
+// more than one point chunk, one set after another with each set's chunks in parallel. Both
+// give the same result bit for bit (kernels.h, kChunkPoints).
+template <class Args>
+void run_sets(Args args, void (*kernel)(const Args&, int64_t, int64_t)) {
+  if (args.B < at::get_num_threads() && args.N > kChunkPoints && !at::in_parallel_region()) {
+    args.points.for_range = &intra_op_range;
+    kernel(args, 0, args.B);
+  } else {
+    at::parallel_for(0, args.B, 1, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_fit_cpu(
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& lw_in,
@@ -35,8 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                 mu_traj.data_ptr<T>(),  var_traj.data_ptr<T>(), loglik.data_ptr<T>(),
                                 used.data_ptr<int64_t>(), converged.data_ptr<bool>(),
                                 B, N, D, K, steps, FitSettings{n_iter, var_floor, tol}};
-    const auto run = kernels<T>().em_forward;
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) { run(args, begin, end); });
+    run_sets(args, kernels<T>().em_forward);
   });
   return {lw_traj, mu_traj, var_traj, loglik, used, converged};
 }
@@ -82,8 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> em_fit_ba
                                  has_grad,            T(var_floor),        g_x.data_ptr<T>(),
                                  g_w.data_ptr<T>(),   g_lw0.data_ptr<T>(), g_mu0.data_ptr<T>(),
                                  g_var0.data_ptr<T>(), B, N, D, K, steps};
-    const auto run = kernels<T>().em_backward;
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) { run(args, begin, end); });
+    run_sets(args, kernels<T>().em_backward);
   });
   return {g_x, g_w, g_lw0, g_mu0, g_var0};
 }

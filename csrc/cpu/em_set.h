@@ -4,7 +4,8 @@
 // Forward: T iterations of E-step (responsibilities under theta_{t-1}) then M-step
 // (theta_t), optionally writing every theta_t to a trajectory. Backward: reverse-mode
 // through the iterations from the saved trajectory, recomputing each E-step; memory per
-// set O(N*K + K*D), never (T,N,K,D).
+// set O(N*K + K*D + N/kChunkPoints*K*D), never (T,N,K,D). Every pass over points runs in the
+// fixed chunks of kernels.h (chunked_sum), on the threads of a PointParallel.
 #pragma once
 
 #include <algorithm>
@@ -17,6 +18,10 @@
 #include "common/gmm_math.h"
 #include "cpu/diag_gauss.h"
 #include "cpu/kernels.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 namespace s2m {
 namespace cpu {
@@ -52,9 +57,17 @@ struct Workspace {
   int64_t rows;  // N rounded up to a whole number of blocks
   T *x, *w, *g_x;  // padded copies (rows,D), (rows), and dL/dx (rows,D)
   T *resp, *aux_nk, *inv_var, *log_norm, *nk, *s2;
-  T* l;  // (kBlock, K) log-densities of a block of points
+  T* l;  // (kBlock, K) log-densities of a block of points (serial passes)
   T *theta_a, *theta_b, *grad_a, *grad_b;  // param-sized blocks (K + 2KD)
-  explicit Workspace(SetShape s) : rows(round_up_to_block(s.n)) {
+  int64_t chunks;             // point chunks of kChunkPoints rows
+  std::vector<T> partials;    // (chunks - 1, K + 2KD) sums of chunks 1.. (chunked_sum)
+  std::vector<T> chunk_l;     // (chunks, kBlock, K) each chunk's own block log-densities
+  explicit Workspace(SetShape s)
+      : rows(round_up_to_block(s.n)),
+        chunks(std::max<int64_t>(1, (rows + kChunkPoints - 1) / kChunkPoints)),
+        partials((chunks - 1) * (s.k + 2 * s.k * s.d)),
+        chunk_l(chunks * kBlock * s.k) {
+    static_assert(kChunkPoints % kBlock == 0, "chunks are whole blocks");
     const int64_t per_point = rows * s.k, kd = s.k * s.d, p = s.k + 2 * kd;
     buf.assign(2 * rows * s.d + rows + 2 * per_point + kd + (2 + kBlock) * s.k + kd + 4 * p, T(0));
     T* it = buf.data();
@@ -83,6 +96,73 @@ struct Workspace {
   }
 };
 
+// The calling thread's floating-point mode (x86 MXCSR: rounding, FTZ, DAZ), read on one thread
+// and set on another for a scope: a set's point chunks run on pool threads in the mode of the
+// thread that called the kernel, so that where they run does not change what they compute.
+class FpMode {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  FpMode() : mode_(_mm_getcsr()) {}
+  class Scope {
+   public:
+    explicit Scope(const FpMode& m) : saved_(_mm_getcsr()) { _mm_setcsr(m.mode_); }
+    ~Scope() { _mm_setcsr(saved_); }
+
+   private:
+    unsigned int saved_;
+  };
+
+ private:
+  unsigned int mode_;
+#else
+  class Scope {
+   public:
+    explicit Scope(const FpMode&) {}
+  };
+#endif
+};
+
+// Runs f(begin, end) over chunks [0, chunks): inline, or on par's threads, each in the floating-
+// point mode of the calling thread.
+template <class F>
+void for_chunks(const PointParallel& par, int64_t chunks, F& f) {
+  if (par.for_range == nullptr || chunks <= 1) {
+    f(int64_t(0), chunks);
+    return;
+  }
+  struct Job {
+    F* f;
+    FpMode mode;
+  } job{&f, FpMode()};
+  par.for_range(chunks, &job, [](void* ctx, int64_t begin, int64_t end) {
+    const Job& j = *static_cast<const Job*>(ctx);
+    const FpMode::Scope scope(j.mode);
+    (*j.f)(begin, end);
+  });
+}
+
+// dst (size elements) += the sums over the set's padded points, chunk by chunk in the fixed
+// order of kernels.h: body(c, p0, p1, acc) adds the sums over rows [p0, p1) of chunk c to
+// acc (chunk 0: dst itself; chunk c > 0: a zeroed partial) and may write per-point outputs of
+// those rows. Chunks run on par's threads.
+template <typename T, class Body>
+void chunked_sum(const PointParallel& par, Workspace<T>& ws, int64_t size, T* dst,
+                 const Body& body) {
+  T* parts = ws.partials.data();
+  std::fill(parts, parts + (ws.chunks - 1) * size, T(0));
+  auto run = [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t p0 = c * kChunkPoints, p1 = std::min(ws.rows, p0 + kChunkPoints);
+      body(c, p0, p1, c == 0 ? dst : parts + (c - 1) * size);
+    }
+  };
+  for_chunks(par, ws.chunks, run);
+  for (int64_t c = 1; c < ws.chunks; ++c) {
+    const T* part = parts + (c - 1) * size;
+    for (int64_t i = 0; i < size; ++i) dst[i] += part[i];
+  }
+}
+
 template <typename T>
 T total_weight(const T* w, int64_t n) {
   T total = 0;
@@ -95,31 +175,37 @@ T total_weight(const T* w, int64_t n) {
 // 0: the log per point is skipped where nobody reads it). Leaves inv_var and log_norm of
 // theta in ws.
 template <typename T>
-T e_step(SetShape s, ConstParams<T> theta, Workspace<T>& ws, bool want_resp, bool want_loglik) {
+T e_step(SetShape s, ConstParams<T> theta, Workspace<T>& ws, bool want_resp, bool want_loglik,
+         const PointParallel& par) {
   const int64_t D = s.d, K = s.k;
   precompute_components(theta.log_weights, theta.variances, K, D, ws.inv_var, ws.log_norm);
   T loglik = 0;
-  T lse[kBlock];
-  for (int64_t n0 = 0; n0 < ws.rows; n0 += kBlock) {
-    block_log_densities(ws.x + n0 * D, theta.means, ws.inv_var, ws.log_norm, K, D, ws.l);
-    block_posteriors(ws.l, K, want_resp ? ws.resp + n0 * K : nullptr, want_loglik ? lse : nullptr);
-    if (!want_loglik) continue;
-    for (int64_t j = 0; j < kBlock; ++j) {
-      if (ws.w[n0 + j] != T(0)) loglik += ws.w[n0 + j] * lse[j];
+  chunked_sum(par, ws, 1, &loglik, [&](int64_t c, int64_t p0, int64_t p1, T* acc) {
+    T* l = ws.chunk_l.data() + c * kBlock * K;
+    T lse[kBlock];
+    for (int64_t n0 = p0; n0 < p1; n0 += kBlock) {
+      block_log_densities(ws.x + n0 * D, theta.means, ws.inv_var, ws.log_norm, K, D, l);
+      block_posteriors(l, K, want_resp ? ws.resp + n0 * K : nullptr, want_loglik ? lse : nullptr);
+      if (!want_loglik) continue;
+      for (int64_t j = 0; j < kBlock; ++j) {
+        if (ws.w[n0 + j] != T(0)) *acc += ws.w[n0 + j] * lse[j];
+      }
     }
-  }
+  });
   return loglik;
 }
 
 // Nk = sum_n w_n r_nk. Forward and backward both call this so that they take the same
 // alive/dead decisions bit for bit.
 template <typename T>
-void component_mass(SetShape s, Workspace<T>& ws) {
+void component_mass(SetShape s, Workspace<T>& ws, const PointParallel& par) {
   std::fill(ws.nk, ws.nk + s.k, T(0));
-  for (int64_t n = 0; n < ws.rows; ++n) {
-    if (ws.w[n] == T(0)) continue;
-    for (int64_t k = 0; k < s.k; ++k) ws.nk[k] += ws.w[n] * ws.resp[n * s.k + k];
-  }
+  chunked_sum(par, ws, s.k, ws.nk, [&](int64_t, int64_t p0, int64_t p1, T* nk) {
+    for (int64_t n = p0; n < p1; ++n) {
+      if (ws.w[n] == T(0)) continue;
+      for (int64_t k = 0; k < s.k; ++k) nk[k] += ws.w[n] * ws.resp[n * s.k + k];
+    }
+  });
 }
 
 // q[j] = w r for the 4 points of a block and one component; false if all are zero.
@@ -136,21 +222,23 @@ bool block_masses(const Workspace<T>& ws, int64_t n0, int64_t k, int64_t K, T* q
 // M-step from ws.resp: theta_next from the weighted moments, theta_prev for dead components.
 template <typename T>
 void m_step(T total_w, SetShape s, ConstParams<T> prev, Params<T> next, T var_floor,
-            Workspace<T>& ws) {
+            Workspace<T>& ws, const PointParallel& par) {
   const int64_t D = s.d, K = s.k;
-  component_mass(s, ws);
+  component_mass(s, ws, par);
   // Weighted first moment S1 (into next.means), then the means of alive components.
   std::fill(next.means, next.means + K * D, T(0));
-  for (int64_t n0 = 0; n0 < ws.rows; n0 += kBlock) {
-    const T *x0 = ws.x + n0 * D, *x1 = x0 + D, *x2 = x1 + D, *x3 = x2 + D;
-    for (int64_t k = 0; k < K; ++k) {
-      T q[kBlock];
-      if (!block_masses(ws, n0, k, K, q)) continue;
-      T* s1 = next.means + k * D;
+  chunked_sum(par, ws, K * D, next.means, [&](int64_t, int64_t p0, int64_t p1, T* s1_all) {
+    for (int64_t n0 = p0; n0 < p1; n0 += kBlock) {
+      const T *x0 = ws.x + n0 * D, *x1 = x0 + D, *x2 = x1 + D, *x3 = x2 + D;
+      for (int64_t k = 0; k < K; ++k) {
+        T q[kBlock];
+        if (!block_masses(ws, n0, k, K, q)) continue;
+        T* s1 = s1_all + k * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) s1[d] += (q[0] * x0[d] + q[1] * x1[d]) + (q[2] * x2[d] + q[3] * x3[d]);
+        for (int64_t d = 0; d < D; ++d) s1[d] += (q[0] * x0[d] + q[1] * x1[d]) + (q[2] * x2[d] + q[3] * x3[d]);
+      }
     }
-  }
+  });
   for (int64_t k = 0; k < K; ++k) {
     T* mu = next.means + k * D;
     if (component_alive(ws.nk[k], total_w)) {
@@ -161,21 +249,23 @@ void m_step(T total_w, SetShape s, ConstParams<T> prev, Params<T> next, T var_fl
   }
   // Centred second moment at the new means (never E[x^2] - mu^2).
   std::fill(ws.s2, ws.s2 + K * D, T(0));
-  for (int64_t n0 = 0; n0 < ws.rows; n0 += kBlock) {
-    const T *x0 = ws.x + n0 * D, *x1 = x0 + D, *x2 = x1 + D, *x3 = x2 + D;
-    for (int64_t k = 0; k < K; ++k) {
-      T q[kBlock];
-      if (!component_alive(ws.nk[k], total_w) || !block_masses(ws, n0, k, K, q)) continue;
-      const T* mu = next.means + k * D;
-      T* s2 = ws.s2 + k * D;
+  chunked_sum(par, ws, K * D, ws.s2, [&](int64_t, int64_t p0, int64_t p1, T* s2_all) {
+    for (int64_t n0 = p0; n0 < p1; n0 += kBlock) {
+      const T *x0 = ws.x + n0 * D, *x1 = x0 + D, *x2 = x1 + D, *x3 = x2 + D;
+      for (int64_t k = 0; k < K; ++k) {
+        T q[kBlock];
+        if (!component_alive(ws.nk[k], total_w) || !block_masses(ws, n0, k, K, q)) continue;
+        const T* mu = next.means + k * D;
+        T* s2 = s2_all + k * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) {
-        const T m = mu[d];
-        const T e0 = x0[d] - m, e1 = x1[d] - m, e2 = x2[d] - m, e3 = x3[d] - m;
-        s2[d] += (weighted(q[0], e0 * e0) + weighted(q[1], e1 * e1)) + (weighted(q[2], e2 * e2) + weighted(q[3], e3 * e3));
+        for (int64_t d = 0; d < D; ++d) {
+          const T m = mu[d];
+          const T e0 = x0[d] - m, e1 = x1[d] - m, e2 = x2[d] - m, e3 = x3[d] - m;
+          s2[d] += (weighted(q[0], e0 * e0) + weighted(q[1], e1 * e1)) + (weighted(q[2], e2 * e2) + weighted(q[3], e3 * e3));
+        }
       }
     }
-  }
+  });
   for (int64_t k = 0; k < K; ++k) {
     T* var = next.variances + k * D;
     if (component_alive(ws.nk[k], total_w)) {
@@ -191,7 +281,8 @@ void m_step(T total_w, SetShape s, ConstParams<T> prev, Params<T> next, T var_fl
 // the final parameters, written to step 0).
 template <typename T>
 FitReport em_forward_set(const T* x, const T* w, SetShape s, ConstParams<T> init,
-                         FitSettings cfg, Trajectory<T> traj, Workspace<T>& ws) {
+                         FitSettings cfg, Trajectory<T> traj, Workspace<T>& ws,
+                         const PointParallel& par) {
   const bool keep = traj.steps > 1;
   const T var_floor = T(cfg.var_floor);
   const T total_w = total_weight(w, s.n);
@@ -211,12 +302,12 @@ FitReport em_forward_set(const T* x, const T* w, SetShape s, ConstParams<T> init
     double ll;
     if (s.k == 1 && t >= 2) {
       // One component: r = 1, so the M-step gives theta_1 again whatever theta_{t-1} is.
-      if (t == 2) ll_theta1 = mean_ll(e_step(s, ConstParams<T>(cur), ws, false, true));
+      if (t == 2) ll_theta1 = mean_ll(e_step(s, ConstParams<T>(cur), ws, false, true, par));
       ll = ll_theta1;
     } else {
       // The log-likelihood of an iteration only feeds the tol test.
-      ll = mean_ll(e_step(s, ConstParams<T>(cur), ws, true, cfg.tol > 0));
-      m_step(total_w, s, ConstParams<T>(cur), next, var_floor, ws);
+      ll = mean_ll(e_step(s, ConstParams<T>(cur), ws, true, cfg.tol > 0, par));
+      m_step(total_w, s, ConstParams<T>(cur), next, var_floor, ws, par);
       std::swap(cur, next);
     }
     report.n_iter = t;
@@ -234,7 +325,7 @@ FitReport em_forward_set(const T* x, const T* w, SetShape s, ConstParams<T> init
   }
   report.loglik = (s.k == 1 && report.n_iter >= 2)
                       ? ll_theta1
-                      : mean_ll(e_step(s, ConstParams<T>(cur), ws, false, true));
+                      : mean_ll(e_step(s, ConstParams<T>(cur), ws, false, true, par));
   return report;
 }
 
@@ -243,7 +334,7 @@ FitReport em_forward_set(const T* x, const T* w, SetShape s, ConstParams<T> init
 // contributions to ws.g_x (rows,D) and g_w (N) and writes dL/dl (rows,K) into ws.aux_nk.
 template <typename T>
 void m_step_backward(T total_w, SetShape s, ConstParams<T> theta_t, ConstParams<T> g,
-                     Workspace<T>& ws, T* g_w) {
+                     Workspace<T>& ws, T* g_w, const PointParallel& par) {
   const int64_t D = s.d, K = s.k;
   // Effective upstream gradients: dead components pass theirs back unchanged (handled by
   // the caller), a clamped variance has no gradient.
@@ -260,41 +351,43 @@ void m_step_backward(T total_w, SetShape s, ConstParams<T> theta_t, ConstParams<
   // centred second moment S2 (recomputed exactly), and the direct gradient of x.
   T* pa = ws.aux_nk;
   std::fill(ws.s2, ws.s2 + K * D, T(0));
-  for (int64_t n0 = 0; n0 < ws.rows; n0 += kBlock) {
-    const T *x0 = ws.x + n0 * D, *x1 = x0 + D, *x2 = x1 + D, *x3 = x2 + D;
-    T *gx0 = ws.g_x + n0 * D, *gx1 = gx0 + D, *gx2 = gx1 + D, *gx3 = gx2 + D;
-    for (int64_t k = 0; k < K; ++k) {
-      T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-      if (component_alive(ws.nk[k], total_w)) {
-        T q[kBlock];
-        block_masses(ws, n0, k, K, q);
-        const T inv_nk = T(1) / ws.nk[k];
-        const T c0 = q[0] * inv_nk, c1 = q[1] * inv_nk, c2 = q[2] * inv_nk, c3 = q[3] * inv_nk;
-        const T* mu = theta_t.means + k * D;
-        const T* gm = geff.means + k * D;
-        const T* gv = geff.variances + k * D;
-        T* s2 = ws.s2 + k * D;
+  chunked_sum(par, ws, K * D, ws.s2, [&](int64_t, int64_t p0, int64_t p1, T* s2_all) {
+    for (int64_t n0 = p0; n0 < p1; n0 += kBlock) {
+      const T *x0 = ws.x + n0 * D, *x1 = x0 + D, *x2 = x1 + D, *x3 = x2 + D;
+      T *gx0 = ws.g_x + n0 * D, *gx1 = gx0 + D, *gx2 = gx1 + D, *gx3 = gx2 + D;
+      for (int64_t k = 0; k < K; ++k) {
+        T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        if (component_alive(ws.nk[k], total_w)) {
+          T q[kBlock];
+          block_masses(ws, n0, k, K, q);
+          const T inv_nk = T(1) / ws.nk[k];
+          const T c0 = q[0] * inv_nk, c1 = q[1] * inv_nk, c2 = q[2] * inv_nk, c3 = q[3] * inv_nk;
+          const T* mu = theta_t.means + k * D;
+          const T* gm = geff.means + k * D;
+          const T* gv = geff.variances + k * D;
+          T* s2 = s2_all + k * D;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
-        for (int64_t d = 0; d < D; ++d) {
-          const T m = mu[d], ga = gm[d], gb = gv[d];
-          const T e0 = x0[d] - m, e1 = x1[d] - m, e2 = x2[d] - m, e3 = x3[d] - m;
-          a0 += (ga + gb * e0) * e0;
-          a1 += (ga + gb * e1) * e1;
-          a2 += (ga + gb * e2) * e2;
-          a3 += (ga + gb * e3) * e3;
-          s2[d] += (weighted(q[0], e0 * e0) + weighted(q[1], e1 * e1)) + (weighted(q[2], e2 * e2) + weighted(q[3], e3 * e3));
-          gx0[d] += weighted(c0, ga + T(2) * gb * e0);
-          gx1[d] += weighted(c1, ga + T(2) * gb * e1);
-          gx2[d] += weighted(c2, ga + T(2) * gb * e2);
-          gx3[d] += weighted(c3, ga + T(2) * gb * e3);
+          for (int64_t d = 0; d < D; ++d) {
+            const T m = mu[d], ga = gm[d], gb = gv[d];
+            const T e0 = x0[d] - m, e1 = x1[d] - m, e2 = x2[d] - m, e3 = x3[d] - m;
+            a0 += (ga + gb * e0) * e0;
+            a1 += (ga + gb * e1) * e1;
+            a2 += (ga + gb * e2) * e2;
+            a3 += (ga + gb * e3) * e3;
+            s2[d] += (weighted(q[0], e0 * e0) + weighted(q[1], e1 * e1)) + (weighted(q[2], e2 * e2) + weighted(q[3], e3 * e3));
+            gx0[d] += weighted(c0, ga + T(2) * gb * e0);
+            gx1[d] += weighted(c1, ga + T(2) * gb * e1);
+            gx2[d] += weighted(c2, ga + T(2) * gb * e2);
+            gx3[d] += weighted(c3, ga + T(2) * gb * e3);
+          }
         }
+        pa[n0 * K + k] = a0;
+        pa[(n0 + 1) * K + k] = a1;
+        pa[(n0 + 2) * K + k] = a2;
+        pa[(n0 + 3) * K + k] = a3;
       }
-      pa[n0 * K + k] = a0;
-      pa[(n0 + 1) * K + k] = a1;
-      pa[(n0 + 2) * K + k] = a2;
-      pa[(n0 + 3) * K + k] = a3;
     }
-  }
+  });
   // dL/dq[n,k] = (a_k + pa[n,k] - sum_d gv_kd S2_kd / Nk) / Nk with a_k the log weight's gradient.
   T w_term = 0;  // d(-log W)/dw_n, the same for every n
   for (int64_t k = 0; k < K; ++k) {
@@ -337,7 +430,8 @@ void m_step_backward(T total_w, SetShape s, ConstParams<T> theta_t, ConstParams<
 template <typename T>
 void em_backward_set(const T* x, const T* w, SetShape s, int64_t n_used, T var_floor,
                      Trajectory<const T> traj, Trajectory<const T> g_traj, bool has_g_traj,
-                     T* g_x, T* g_w, Params<T> g_init, Workspace<T>& ws) {
+                     T* g_x, T* g_w, Params<T> g_init, Workspace<T>& ws,
+                     const PointParallel& par) {
   (void)var_floor;  // the floor enters only through S2 + floor; its derivative is not needed
   const T total_w = total_weight(w, s.n);
   ws.load_points(x, w, s);
@@ -366,9 +460,9 @@ void em_backward_set(const T* x, const T* w, SetShape s, int64_t n_used, T var_f
   for (int64_t t = t_last; t >= 1; --t) {
     ConstParams<T> prev(traj.at(t - 1));
     ConstParams<T> theta_t(traj.at(t));
-    e_step(s, prev, ws, true, false);  // also leaves inv_var of theta_{t-1} in ws
-    component_mass(s, ws);
-    m_step_backward(total_w, s, theta_t, ConstParams<T>(g), ws, g_w);
+    e_step(s, prev, ws, true, false, par);  // also leaves inv_var of theta_{t-1} in ws
+    component_mass(s, ws, par);
+    m_step_backward(total_w, s, theta_t, ConstParams<T>(g), ws, g_w, par);
 
     Params<T> g_prev = Workspace<T>::as_params(ws.grad_b, s);
     zero_params(g_prev, s);
@@ -382,11 +476,16 @@ void em_backward_set(const T* x, const T* w, SetShape s, int64_t n_used, T var_f
       }
     }
     if (!single) {
-      for (int64_t n0 = 0; n0 < ws.rows; n0 += kBlock) {
-        block_log_densities_backward(ws.x + n0 * s.d, prev.means, ws.inv_var, ws.aux_nk + n0 * s.k,
-                                     s.k, s.d, g_prev.log_weights, g_prev.means,
-                                     g_prev.variances, ws.g_x + n0 * s.d);
-      }
+      // g_prev is one contiguous (K + 2KD) block, summed over chunks like any other moment.
+      chunked_sum(par, ws, s.k + 2 * s.k * s.d, g_prev.log_weights,
+                  [&](int64_t, int64_t p0, int64_t p1, T* acc) {
+                    const Params<T> ga = Workspace<T>::as_params(acc, s);
+                    for (int64_t n0 = p0; n0 < p1; n0 += kBlock) {
+                      block_log_densities_backward(ws.x + n0 * s.d, prev.means, ws.inv_var,
+                                                   ws.aux_nk + n0 * s.k, s.k, s.d, ga.log_weights,
+                                                   ga.means, ga.variances, ws.g_x + n0 * s.d);
+                    }
+                  });
     }
     add_step_grad(t - 1, g_prev);
     copy_params(ConstParams<T>(g_prev), g, s);

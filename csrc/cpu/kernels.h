@@ -74,6 +74,20 @@ struct FitReport {
   bool converged;
 };
 
+// A set's sums over its points run in fixed chunks of kChunkPoints (whole 4-point blocks):
+// chunk 0 accumulates into the result, every later chunk from zero into a partial of its own,
+// and the partials are then added in chunk order. The order of every sum so depends on N
+// alone, which lets a set's chunks run on several threads (when there are fewer sets than
+// threads) with the result of one thread, bit for bit.
+constexpr int64_t kChunkPoints = 512;
+
+// The glue's thread pool as the kernels see it: for_range runs body(ctx, begin, end) over a
+// partition of [0, n), on any threads; null runs [0, n) inline, on the calling thread.
+struct PointParallel {
+  void (*for_range)(int64_t n, void* ctx, void (*body)(void* ctx, int64_t begin, int64_t end)) =
+      nullptr;
+};
+
 // s2m::em_fit over B sets: x (B,N,D), w (B,N), initial parameters (B,K[,D]); trajectories
 // (steps,B,K[,D]); per set loglik, n_iter_used, converged (B).
 template <typename T>
@@ -84,6 +98,7 @@ struct EmForwardArgs {
   bool* converged;
   int64_t B, N, D, K, steps;
   FitSettings cfg;
+  PointParallel points;  // where each set's point chunks run
 };
 
 // s2m::em_fit_backward: the trajectory and its gradients (steps,B,K[,D]) -> g_x (B,N,D),
@@ -96,6 +111,7 @@ struct EmBackwardArgs {
   T var_floor;
   T *g_x, *g_w, *g_lw0, *g_mu0, *g_var0;
   int64_t B, N, D, K, steps;
+  PointParallel points;  // where each set's point chunks run
 };
 
 // s2m::score_paired and its backward: z (B,Q,D) against mixture b; inv_var (B,K,D) and

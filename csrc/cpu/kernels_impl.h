@@ -71,7 +71,8 @@ void em_forward(const EmForwardArgs<T>& a, int64_t begin, int64_t end) {
   for (int64_t b = begin; b < end; ++b) {
     ConstParams<T> init(a.lw0 + b * K, a.mu0 + b * K * D, a.var0 + b * K * D);
     auto traj = set_trajectory(a.lw_traj, a.mu_traj, a.var_traj, b, a.steps, a.B, K, D);
-    const FitReport r = em_forward_set(a.x + b * N * D, a.w + b * N, s, init, a.cfg, traj, ws);
+    const FitReport r =
+        em_forward_set(a.x + b * N * D, a.w + b * N, s, init, a.cfg, traj, ws, a.points);
     a.loglik[b] = T(r.loglik);
     a.n_iter_used[b] = r.n_iter;
     a.converged[b] = r.converged;
@@ -89,7 +90,7 @@ void em_backward(const EmBackwardArgs<T>& a, int64_t begin, int64_t end) {
     auto gtraj = set_trajectory(a.g_lw_traj, a.g_mu_traj, a.g_var_traj, b, a.steps, a.B, K, D);
     Params<T> g_init{a.g_lw0 + b * K, a.g_mu0 + b * K * D, a.g_var0 + b * K * D};
     em_backward_set(a.x + b * N * D, a.w + b * N, s, a.n_iter_used[b], a.var_floor, traj, gtraj,
-                    a.has_grad, a.g_x + b * N * D, a.g_w + b * N, g_init, ws);
+                    a.has_grad, a.g_x + b * N * D, a.g_w + b * N, g_init, ws, a.points);
   }
 }
 

@@ -169,7 +169,8 @@ EmResult<T> cpu_forward(const EmProblem<T>& p, int64_t n_iter, double var_floor,
     s2m::cpu::Trajectory<T> traj{r.lw.data() + b * s.K, r.mu.data() + b * s.K * s.D,
                                  r.var.data() + b * s.K * s.D, s.B * s.K, s.B * s.K * s.D, steps};
     const auto rep = s2m::cpu::baseline::em_forward_set(p.x.data() + b * s.N * s.D, p.w.data() + b * s.N,
-                                              shape, init, {n_iter, var_floor, tol}, traj, ws);
+                                              shape, init, {n_iter, var_floor, tol}, traj, ws,
+                                              s2m::cpu::PointParallel());
     r.loglik[b] = T(rep.loglik);
     r.used[b] = rep.n_iter;
     r.converged[b] = rep.converged;
@@ -248,7 +249,8 @@ GradResult<T> cpu_backward(const EmProblem<T>& p, const EmResult<T>& fwd, int64_
                                r.gvar.data() + b * KD};
     s2m::cpu::baseline::em_backward_set(p.x.data() + b * s.N * s.D, p.w.data() + b * s.N, shape,
                               fwd.used[b], T(var_floor), traj, gtraj, has_g,
-                              r.gx.data() + b * s.N * s.D, r.gw.data() + b * s.N, g_init, ws);
+                              r.gx.data() + b * s.N * s.D, r.gw.data() + b * s.N, g_init, ws,
+                              s2m::cpu::PointParallel());
   }
   return r;
 }
