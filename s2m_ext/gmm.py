@@ -13,7 +13,7 @@ from torch import Tensor
 from . import _validation as V
 from . import implicit
 from ._ops import ops
-from ._rules import limits, weighted
+from ._rules import limits
 
 __all__ = ["DiagGMM", "fit_gmm", "ConvergenceWarning"]
 
@@ -237,11 +237,14 @@ def _kmeanspp_init(x: Tensor, weights: Tensor, k: int, var_floor: float, generat
         uniforms = _uniforms(generator, batch, k, x.device)
         idx = seeder(x.detach(), weights.detach(), uniforms)
         means = torch.gather(x.detach(), 1, idx.unsqueeze(-1).expand(batch, k, dims))
-        w = weights.detach().unsqueeze(-1)
-        total = w.sum(1)
+        # Weighted sums over points as (B,1,N) x (B,N,D) products: two passes over x instead of
+        # six. Validation bounds |x| so that squared deviations are finite: a zero weight adds 0.
+        w = weights.detach().unsqueeze(1)
+        total = w.sum(2)
         total = torch.where(total > 0, total, torch.ones_like(total))
-        centre = (w * x.detach()).sum(1) / total
-        spread = weighted(w, (x.detach() - centre.unsqueeze(1)) ** 2).sum(1) / total
+        centre = torch.bmm(w, x.detach()).squeeze(1) / total
+        squares = torch.sub(x.detach(), centre.unsqueeze(1)).square_()
+        spread = torch.bmm(w, squares).squeeze(1) / total
         variances = (spread + var_floor).clamp_min(limits(x.dtype)[2]).unsqueeze(1).expand(batch, k, dims).contiguous()
         log_weights = torch.full((batch, k), -math.log(k), dtype=x.dtype, device=x.device)
     return log_weights, means, variances
