@@ -5,8 +5,9 @@ zero-argument function that does the work of one workload call (and is what gets
 plus a function that turns its raw output into float64 CPU tensors that the suite compares
 with s2m_ext's output, so a contender that silently does less (or other) work is caught.
 
-Outputs compared, per workload: ``forward`` -> log_weights (B,K), means and variances
-(B,K,D); ``fwd_bwd`` -> grad_x (B,N,D); ``pool`` -> scores (B,M); ``paired`` -> scores (B,Q).
+Outputs compared, per workload: ``forward`` and ``seed`` -> log_weights (B,K), means and
+variances (B,K,D); ``fwd_bwd`` -> grad_x (B,N,D); ``pool`` -> scores (B,M); ``paired`` ->
+scores (B,Q).
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ def _grad_output(grad: Tensor, sets: Tensor) -> Output:
 
 def _scores_output(scores: Tensor, sets: Tensor) -> Output:
     return {"scores": scores.detach()[sets.to(scores.device)].double().cpu()}
+
+
+def _seeding_call(fit_gmm: Callable, p: Problem) -> Prepared:
+    """``seed``: fit_gmm(n_iter=0) (s2m_ext's or the reference's, same arguments) from a fresh
+    generator of the problem's seeding seed, so every call draws the same uniforms."""
+
+    def call() -> Tuple[Tensor, Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(p.seeding_seed)
+        gmm = fit_gmm(p.x, p.weights, n_components=p.shape.K, n_iter=0, var_floor=p.var_floor, generator=gen)
+        return gmm.params()
+
+    return Prepared(call, lambda out: _params_output(*out, p.check_sets))
 
 
 def _leaf(x: Tensor) -> Tensor:
@@ -107,11 +120,14 @@ class S2M(Contender):
 
     name = "s2m_ext"
     title = "s2m_ext"
+    workloads = ("forward", "fwd_bwd", "pool", "paired", "seed")
 
     def prepare(self, problem: Problem, workload: str) -> Prepared:
         import s2m_ext
 
         s, p = problem.shape, problem
+        if workload == "seed":
+            return _seeding_call(s2m_ext.fit_gmm, p)
         if workload in SCORING_WORKLOADS:
             gmm = s2m_ext.DiagGMM(*p.fitted_model)
             score, z = (gmm.log_prob_pool if workload == "pool" else gmm.log_prob), p.queries(workload)
@@ -133,6 +149,8 @@ class S2M(Contender):
             return itemsize * (3 * (s.T + 1) * params + 2 * s.B * s.N * (s.D + 1))
         if workload == "paired":
             return itemsize * (s.B * s.Q + 4 * params)
+        if workload == "seed":
+            return itemsize * (2 * s.B * s.N * s.D + 2 * params)
         return itemsize * (s.B * s.M + 4 * params + (1 << 24))
 
 
@@ -172,6 +190,7 @@ class Reference(Contender):
 
     name = "reference"
     title = "reference"
+    workloads = ("forward", "fwd_bwd", "pool", "paired", "seed")
 
     compiles = False
 
@@ -183,6 +202,9 @@ class Reference(Contender):
         from s2m_ext import reference
 
         p = problem
+        if workload == "seed":
+            seeding = _seeding_call(self.wrap(reference.fit_gmm), p)
+            return Prepared(seeding.call, seeding.extract, self.compiles)
         if workload in SCORING_WORKLOADS:
             score = self.wrap(reference.log_prob_pool if workload == "pool" else reference.log_prob)
             z = p.queries(workload)
@@ -204,6 +226,8 @@ class Reference(Contender):
         if workload == "paired":
             return itemsize * 3.0 * s.B * s.Q * s.K * s.D
         bnkd = float(s.B) * s.N * s.K * s.D
+        if workload == "seed":  # the E-step of the log-likelihood dominates
+            return itemsize * 3 * bnkd
         if workload == "forward":
             return itemsize * 3 * bnkd
         return itemsize * 3 * bnkd * (s.T + 1)

@@ -321,6 +321,7 @@ def format_tables(records: List[Dict[str, object]], contenders: Sequence[str], d
         "fwd_bwd": "the same under autograd + gradient of a fixed random linear loss w.r.t. x",
         "pool": "log-density of M pool items under each of B fitted mixtures -> (B, M)",
         "paired": "log-density of Q queries per set under that set's fitted mixture -> (B, Q)",
+        "seed": "fit_gmm(n_iter=0): k-means++ means, initial variances and their log-likelihood",
     }
     text: List[str] = []
     for workload in WORKLOADS:

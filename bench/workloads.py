@@ -1,7 +1,7 @@
 """Workloads of the benchmark suite: shapes, the inputs every contender shares, and the FLOP
 and byte models used to turn times into throughput (formulas explained in bench/NOTES.md).
 
-Four workloads:
+Five workloads:
 
 * ``forward``  T EM iterations from given initial parameters (plus the final E-step that
   gives the log-likelihood of the fitted model), no gradient;
@@ -10,11 +10,15 @@ Four workloads:
 * ``pool``     log-density of every item of a shared pool z (M, D) under every one of the B
   fitted mixtures -> (B, M) (retrieval scoring), no gradient;
 * ``paired``   log-density of Q queries per set, z (B, Q, D), each row under its own set's
-  fitted mixture -> (B, Q) (the scoring of a training episode), no gradient.
+  fitted mixture -> (B, Q) (the scoring of a training episode), no gradient;
+* ``seed``     the k-means++ initial model of every set, as ``fit_gmm(n_iter=0)`` makes it:
+  K seeded means, the set's weighted variance + var_floor, uniform weights, and the
+  log-likelihood of that model, from a generator of a fixed seed (so every contender draws
+  the same uniforms and seeds the same points), no gradient.
 
 Every contender gets the same tensors (same seed), float32, all point weights 1 (scikit-learn
 has no point weights), and the same initial parameters: one batched k-means++ draw made
-before timing starts, so initialisation is never part of a timed call.
+before timing starts, so initialisation is never part of a timed call (``seed`` times it).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-WORKLOADS: Tuple[str, ...] = ("forward", "fwd_bwd", "pool", "paired")
+WORKLOADS: Tuple[str, ...] = ("forward", "fwd_bwd", "pool", "paired", "seed")
 
 #: The workloads that score a fitted model (the rest fit one).
 SCORING_WORKLOADS: Tuple[str, ...] = ("pool", "paired")
@@ -45,8 +49,9 @@ class Shape:
     """B sets of N points in D dimensions, K components, T EM iterations, M pool items,
     Q paired queries per set.
 
-    M only matters for the ``pool`` workload, Q only for ``paired``, and N only for
-    ``forward``/``fwd_bwd`` (T also fits the model the scoring workloads score)."""
+    M only matters for the ``pool`` workload, Q only for ``paired``, N only for
+    ``forward``/``fwd_bwd``/``seed`` (T also fits the model the scoring workloads score; it
+    plays no part in ``seed``)."""
 
     B: int
     N: int
@@ -61,6 +66,8 @@ class Shape:
             return f"B{self.B} M{self.M} D{self.D} K{self.K}"
         if workload == "paired":
             return f"B{self.B} Q{self.Q} D{self.D} K{self.K}"
+        if workload == "seed":
+            return f"B{self.B} N{self.N} D{self.D} K{self.K}"
         return f"B{self.B} N{self.N} D{self.D} K{self.K} T{self.T}"
 
     def key(self, workload: str) -> Tuple[int, ...]:
@@ -69,6 +76,8 @@ class Shape:
             return (self.B, self.M, self.D, self.K)
         if workload == "paired":
             return (self.B, self.Q, self.D, self.K)
+        if workload == "seed":
+            return (self.B, self.N, self.D, self.K)
         return (self.B, self.N, self.D, self.K, self.T)
 
     def replace(self, **fields: int) -> "Shape":
@@ -131,6 +140,7 @@ SWEEP_FIELDS: Dict[str, Tuple[str, ...]] = {
     "fwd_bwd": ("B", "N", "D", "K", "T"),
     "pool": ("B", "M", "D", "K"),
     "paired": ("B", "Q", "D", "K"),
+    "seed": ("B", "N", "D", "K"),
 }
 
 
@@ -159,6 +169,8 @@ class Problem:
     var_floor: float = VAR_FLOOR
     #: (<= CHECK_SETS,) sorted indices of the sets whose outputs are compared between contenders
     check_sets: Optional[Tensor] = None
+    #: ``seed``: the seed of the generator every contender's seeding call draws from
+    seeding_seed: int = 0
 
     def queries(self, workload: str) -> Tensor:
         """What a scoring workload scores: pool_z (M,D) or paired_z (B,Q,D)."""
@@ -204,6 +216,7 @@ def make_problem(
     # Its own generator: the inputs above do not depend on how many sets are checked.
     pick = torch.randperm(B, generator=torch.Generator().manual_seed(seed + 1))[:CHECK_SETS]
     problem.check_sets = pick.sort().values
+    problem.seeding_seed = seed + 2
     if workload in SCORING_WORKLOADS:
         with torch.no_grad():
             fitted = s2m_ext.fit_gmm(
@@ -232,6 +245,7 @@ FLOPS_M_STEP = 6  # mean: scale, accumulate; centred variance: diff, square, sca
 FLOPS_BACKWARD_ITER = 24  # recomputed E-step (4) + reverse of the M-step (10) and E-step (10)
 FLOPS_POOL = 4  # per (pool item, set, component, dimension): the same quadratic form
 FLOPS_PAIRED = FLOPS_POOL  # per (query, component, dimension)
+FLOPS_SEED_DRAW = 3  # per (point, dimension) of each of the K - 1 draws after the first: diff, square, accumulate
 
 
 def flops(workload: str, s: Shape) -> float:
@@ -246,6 +260,8 @@ def flops(workload: str, s: Shape) -> float:
         return FLOPS_POOL * float(s.B) * s.M * s.K * s.D
     if workload == "paired":
         return FLOPS_PAIRED * float(s.B) * s.Q * s.K * s.D
+    if workload == "seed":  # the draws, then the E-step of the log-likelihood
+        return (FLOPS_SEED_DRAW * (s.K - 1) + FLOPS_E_STEP * s.K) * float(s.B) * s.N * s.D
     raise ValueError(f"unknown workload {workload!r}")
 
 
@@ -267,6 +283,8 @@ def compulsory_bytes(workload: str, s: Shape, itemsize: int = 4) -> float:
         return itemsize * (s.M * s.D + params + s.B * s.M)
     if workload == "paired":
         return itemsize * (s.B * s.Q * s.D + params + s.B * s.Q)
+    if workload == "seed":
+        return itemsize * (points + params)
     raise ValueError(f"unknown workload {workload!r}")
 
 
@@ -335,5 +353,5 @@ def describe_flops() -> str:
     return (
         f"forward = (T*{FLOPS_E_STEP + FLOPS_M_STEP} + {FLOPS_E_STEP})*B*N*K*D; "
         f"fwd_bwd = forward + T*{FLOPS_BACKWARD_ITER}*B*N*K*D; pool = {FLOPS_POOL}*B*M*K*D; "
-        f"paired = {FLOPS_PAIRED}*B*Q*K*D"
+        f"paired = {FLOPS_PAIRED}*B*Q*K*D; seed = ({FLOPS_SEED_DRAW}*(K-1) + {FLOPS_E_STEP}*K)*B*N*D"
     )
