@@ -48,32 +48,35 @@ void zero_params(Params<T> dst, SetShape s) {
   std::fill(dst.variances, dst.variances + s.k * s.d, T(0));
 }
 
-// Per-thread scratch of one set problem, reused across the sets a thread handles. Points
-// are held padded to whole blocks (rows = N rounded up to kBlock): padding rows have x = 0
-// and weight 0, so they add nothing to any sum.
+// Per-thread scratch of one set problem, reused across the sets a thread handles. The kernels
+// read points in whole blocks (rows = N rounded up to kBlock): when N is not a multiple of
+// kBlock, the points are copied into padded buffers whose padding rows have x = 0 and weight
+// 0 (they add nothing to any sum); otherwise x, w and dL/dx are the op's own tensors.
 template <typename T>
 struct Workspace {
   std::vector<T> buf;
+  std::vector<T> padded;  // x (rows,D), w (rows) and, in the backward, dL/dx (rows,D)
   int64_t rows;  // N rounded up to a whole number of blocks
-  T *x, *w, *g_x;  // padded copies (rows,D), (rows), and dL/dx (rows,D)
+  const T *x, *w;  // the set's points (rows,D) and weights (rows)
+  T* g_x;          // dL/dx (rows,D), accumulated by the backward
   T *resp, *aux_nk, *inv_var, *log_norm, *nk, *s2;
   T* l;  // (kBlock, K) log-densities of a block of points (serial passes)
   T *theta_a, *theta_b, *grad_a, *grad_b;  // param-sized blocks (K + 2KD)
   int64_t chunks;             // point chunks of kChunkPoints rows
   std::vector<T> partials;    // (chunks - 1, K + 2KD) sums of chunks 1.. (chunked_sum)
   std::vector<T> chunk_l;     // (chunks, kBlock, K) each chunk's own block log-densities
-  explicit Workspace(SetShape s)
+  Workspace(SetShape s, bool backward)
       : rows(round_up_to_block(s.n)),
+        x(nullptr),
+        w(nullptr),
+        g_x(nullptr),
         chunks(std::max<int64_t>(1, (rows + kChunkPoints - 1) / kChunkPoints)),
         partials((chunks - 1) * (s.k + 2 * s.k * s.d)),
         chunk_l(chunks * kBlock * s.k) {
     static_assert(kChunkPoints % kBlock == 0, "chunks are whole blocks");
     const int64_t per_point = rows * s.k, kd = s.k * s.d, p = s.k + 2 * kd;
-    buf.assign(2 * rows * s.d + rows + 2 * per_point + kd + (2 + kBlock) * s.k + kd + 4 * p, T(0));
+    buf.assign(2 * per_point + kd + (2 + kBlock) * s.k + kd + 4 * p, T(0));
     T* it = buf.data();
-    x = it; it += rows * s.d;
-    g_x = it; it += rows * s.d;
-    w = it; it += rows;
     resp = it; it += per_point;
     aux_nk = it; it += per_point;
     inv_var = it; it += kd;
@@ -85,11 +88,27 @@ struct Workspace {
     theta_b = it; it += p;
     grad_a = it; it += p;
     grad_b = it;
+    if (rows != s.n) padded.assign((backward ? 2 : 1) * rows * s.d + rows, T(0));
   }
-  // Loads one set's points; the padding rows stay zero from construction.
+  // Points of one set: the inputs themselves, or copies into the padded buffers (whose
+  // padding rows stay zero from construction).
   void load_points(const T* x_in, const T* w_in, SetShape s) {
-    std::copy(x_in, x_in + s.n * s.d, x);
-    std::copy(w_in, w_in + s.n, w);
+    if (padded.empty()) {
+      x = x_in;
+      w = w_in;
+      return;
+    }
+    T* xp = padded.data();
+    T* wp = xp + rows * s.d;
+    std::copy(x_in, x_in + s.n * s.d, xp);
+    std::copy(w_in, w_in + s.n, wp);
+    x = xp;
+    w = wp;
+  }
+  // Where the backward accumulates dL/dx of one set: the output (N,D) itself, or a padded
+  // buffer that the caller copies from.
+  void bind_gradient(T* g_out, SetShape s) {
+    g_x = padded.empty() ? g_out : padded.data() + rows * s.d + rows;
   }
   static Params<T> as_params(T* block, SetShape s) {
     return {block, block + s.k, block + s.k + s.k * s.d};
@@ -435,6 +454,7 @@ void em_backward_set(const T* x, const T* w, SetShape s, int64_t n_used, T var_f
   (void)var_floor;  // the floor enters only through S2 + floor; its derivative is not needed
   const T total_w = total_weight(w, s.n);
   ws.load_points(x, w, s);
+  ws.bind_gradient(g_x, s);
   std::fill(ws.g_x, ws.g_x + ws.rows * s.d, T(0));
   std::fill(g_w, g_w + s.n, T(0));
   Params<T> g = Workspace<T>::as_params(ws.grad_a, s);
@@ -491,7 +511,7 @@ void em_backward_set(const T* x, const T* w, SetShape s, int64_t n_used, T var_f
     copy_params(ConstParams<T>(g_prev), g, s);
   }
   copy_params(ConstParams<T>(g), g_init, s);
-  std::copy(ws.g_x, ws.g_x + s.n * s.d, g_x);
+  if (ws.g_x != g_x) std::copy(ws.g_x, ws.g_x + s.n * s.d, g_x);
 }
 
 }  // namespace S2M_CPU_LEVEL

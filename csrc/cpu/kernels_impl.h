@@ -67,7 +67,7 @@ template <typename T>
 void em_forward(const EmForwardArgs<T>& a, int64_t begin, int64_t end) {
   const int64_t N = a.N, D = a.D, K = a.K;
   const SetShape s{N, D, K};
-  Workspace<T> ws(s);
+  Workspace<T> ws(s, false);
   for (int64_t b = begin; b < end; ++b) {
     ConstParams<T> init(a.lw0 + b * K, a.mu0 + b * K * D, a.var0 + b * K * D);
     auto traj = set_trajectory(a.lw_traj, a.mu_traj, a.var_traj, b, a.steps, a.B, K, D);
@@ -84,7 +84,7 @@ void em_backward(const EmBackwardArgs<T>& a, int64_t begin, int64_t end) {
   const FlushSubnormals flush;
   const int64_t N = a.N, D = a.D, K = a.K;
   const SetShape s{N, D, K};
-  Workspace<T> ws(s);
+  Workspace<T> ws(s, true);
   for (int64_t b = begin; b < end; ++b) {
     auto traj = set_trajectory(a.lw_traj, a.mu_traj, a.var_traj, b, a.steps, a.B, K, D);
     auto gtraj = set_trajectory(a.g_lw_traj, a.g_mu_traj, a.g_var_traj, b, a.steps, a.B, K, D);

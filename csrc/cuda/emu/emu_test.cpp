@@ -162,7 +162,7 @@ EmResult<T> cpu_forward(const EmProblem<T>& p, int64_t n_iter, double var_floor,
   r.used.resize(s.B);
   r.converged.resize(s.B);
   const s2m::cpu::SetShape shape{s.N, s.D, s.K};
-  s2m::cpu::baseline::Workspace<T> ws(shape);
+  s2m::cpu::baseline::Workspace<T> ws(shape, false);
   for (int64_t b = 0; b < s.B; ++b) {
     s2m::cpu::ConstParams<T> init(p.lw0.data() + b * s.K, p.mu0.data() + b * s.K * s.D,
                                   p.var0.data() + b * s.K * s.D);
@@ -234,7 +234,7 @@ GradResult<T> cpu_backward(const EmProblem<T>& p, const EmResult<T>& fwd, int64_
   r.gmu.resize(s.B * s.K * s.D);
   r.gvar.resize(s.B * s.K * s.D);
   const s2m::cpu::SetShape shape{s.N, s.D, s.K};
-  s2m::cpu::baseline::Workspace<T> ws(shape);
+  s2m::cpu::baseline::Workspace<T> ws(shape, true);
   std::vector<T> zeros_k(steps * s.B * s.K, T(0)), zeros_kd(steps * s.B * s.K * s.D, T(0));
   const bool has_g = g_lw != nullptr;
   for (int64_t b = 0; b < s.B; ++b) {
