@@ -229,6 +229,11 @@ def _uniforms(generator: GeneratorArg, batch: int, k: int, device: torch.device)
     return torch.cat([torch.rand((1, k), generator=g, dtype=torch.float64, device=g.device).to(device) for g in generator])
 
 
+#: Elements of the squared-deviation buffer of _kmeanspp_init (CPU, CUDA): 16 MiB of float32 on
+#: the CPU; on a GPU 1 GiB, so that even the largest batches take a few launches.
+_SPREAD_BUFFER = (1 << 22, 1 << 28)
+
+
 def _kmeanspp_init(x: Tensor, weights: Tensor, k: int, var_floor: float, generator: GeneratorArg, seeder: Seeder) -> InitParams:
     """k-means++ means, the set's weighted per-dimension variance + var_floor for every
     component, and uniform weights. Constants for autograd (computed without history)."""
@@ -239,12 +244,20 @@ def _kmeanspp_init(x: Tensor, weights: Tensor, k: int, var_floor: float, generat
         means = torch.gather(x.detach(), 1, idx.unsqueeze(-1).expand(batch, k, dims))
         # Weighted sums over points as (B,1,N) x (B,N,D) products: two passes over x instead of
         # six. Validation bounds |x| so that squared deviations are finite: a zero weight adds 0.
-        w = weights.detach().unsqueeze(1)
+        xd, w = x.detach(), weights.detach().unsqueeze(1)
         total = w.sum(2)
         total = torch.where(total > 0, total, torch.ones_like(total))
-        centre = torch.bmm(w, x.detach()).squeeze(1) / total
-        squares = torch.sub(x.detach(), centre.unsqueeze(1)).square_()
-        spread = torch.bmm(w, squares).squeeze(1) / total
+        centre = torch.bmm(w, xd).squeeze(1) / total
+        # Squared deviations a few sets at a time: the buffer holds at most max(one set,
+        # _SPREAD_BUFFER elements), not a second copy of x.
+        step = max(1, _SPREAD_BUFFER[x.device.type == "cuda"] // max(1, x.shape[1] * dims))
+        squares = xd.new_empty((min(batch, step), x.shape[1], dims))
+        spread = torch.empty_like(centre)
+        for b0 in range(0, batch, step):
+            b1 = min(batch, b0 + step)
+            sq = torch.sub(xd[b0:b1], centre[b0:b1].unsqueeze(1), out=squares[: b1 - b0]).square_()
+            torch.bmm(w[b0:b1], sq, out=spread[b0:b1].unsqueeze(1))
+        spread = spread / total
         variances = (spread + var_floor).clamp_min(limits(x.dtype)[2]).unsqueeze(1).expand(batch, k, dims).contiguous()
         log_weights = torch.full((batch, k), -math.log(k), dtype=x.dtype, device=x.device)
     return log_weights, means, variances
