@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_paired_backward
   check_score_grad(grad_in, z_in, m.batch, z_in.size(1), "(B, Q)");
   const auto grad = grad_in.contiguous(), z = z_in.contiguous(), lw = lw_in.contiguous(),
              mu = mu_in.contiguous(), var = var_in.contiguous();
-  const int64_t B = m.batch, K = m.components, D = m.dims, Q = z.size(1);
+  const int64_t B = m.batch;
   auto g_z = at::zeros_like(z);
   auto g_lw = at::zeros_like(lw);
   auto g_mu = at::zeros_like(mu);
