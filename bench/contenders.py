@@ -226,9 +226,7 @@ class Reference(Contender):
         if workload == "paired":
             return itemsize * 3.0 * s.B * s.Q * s.K * s.D
         bnkd = float(s.B) * s.N * s.K * s.D
-        if workload == "seed":  # the E-step of the log-likelihood dominates
-            return itemsize * 3 * bnkd
-        if workload == "forward":
+        if workload in ("forward", "seed"):  # seed: the E-step of the log-likelihood dominates
             return itemsize * 3 * bnkd
         return itemsize * 3 * bnkd * (s.T + 1)
 
