@@ -122,6 +122,12 @@ class FpMode {
  public:
 #if defined(__x86_64__) || defined(__i386__)
   FpMode() : mode_(_mm_getcsr()) {}
+  // This mode with subnormal results and inputs flushed to zero (FTZ | DAZ).
+  FpMode flushing_subnormals() const {
+    FpMode m = *this;
+    m.mode_ |= 0x8040u;
+    return m;
+  }
   class Scope {
    public:
     explicit Scope(const FpMode& m) : saved_(_mm_getcsr()) { _mm_setcsr(m.mode_); }
@@ -134,6 +140,7 @@ class FpMode {
  private:
   unsigned int mode_;
 #else
+  FpMode flushing_subnormals() const { return *this; }
   class Scope {
    public:
     explicit Scope(const FpMode&) {}
