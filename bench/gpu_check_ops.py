@@ -62,7 +62,9 @@ def run_all(dtype: torch.dtype) -> set:
         z = x.reshape(-1, D)[: 3 * N]
         pool = ops.score_pool(z, *params)
         ops.score_pool_backward(torch.randn_like(pool), z, *params)
-        ops.kmeanspp(x, w, torch.rand(B, K, dtype=torch.float64, device="cuda"))
+        u = torch.rand(B, K, dtype=torch.float64, device="cuda")
+        ops.kmeanspp(x, w, u)
+        ops.kmeanspp_init(x, w, u, 1e-3)
     return seen
 
 

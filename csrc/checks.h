@@ -247,4 +247,12 @@ inline int64_t check_kmeanspp_args(const at::Tensor& x, const at::Tensor& weight
   return uniforms.size(1);
 }
 
+// s2m::kmeanspp_init: the arguments of s2m::kmeanspp and var_floor >= 0. Returns K.
+inline int64_t check_kmeanspp_init_args(const at::Tensor& x, const at::Tensor& weights,
+                                        const at::Tensor& uniforms, double var_floor,
+                                        Backend backend) {
+  check_nonnegative(var_floor, "var_floor");
+  return check_kmeanspp_args(x, weights, uniforms, backend);
+}
+
 }  // namespace s2m

@@ -46,6 +46,10 @@ TORCH_LIBRARY(s2m, m) {
       "Tensor indices, int offset, int k) -> (Tensor, Tensor)");
   // k-means++ seeding: indices (B,K) of the chosen points, from uniforms (B,K) in [0,1).
   m.def("kmeanspp(Tensor x, Tensor weights, Tensor uniforms) -> Tensor");
+  // The initial parameters of a k-means++ fit: (log_weights (B,K) = -log K, means (B,K,D) = the
+  // points kmeanspp draws, variances (B,K,D) = the set's weighted variance + var_floor, at least
+  // eps**2). Constants: no gradient.
+  m.def("kmeanspp_init(Tensor x, Tensor weights, Tensor uniforms, float var_floor) -> (Tensor, Tensor, Tensor)");
   // em_fit without a trajectory, differentiated implicitly at the fixed point it reached: the
   // final (log_weights, means, variances, loglik, n_iter_used, converged). The solve settings
   // (tolerance, most products, "fixed_point" or "gmres", GMRES restart) matter only for the

@@ -96,6 +96,13 @@ def _kmeanspp_fake(x, weights, uniforms):
     return x.new_empty(uniforms.shape, dtype=torch.long)
 
 
+@torch.library.register_fake("s2m::kmeanspp_init")
+def _kmeanspp_init_fake(x, weights, uniforms, var_floor):
+    batch, _, dims = x.shape
+    k = uniforms.shape[1]
+    return x.new_empty(batch, k), x.new_empty(batch, k, dims), x.new_empty(batch, k, dims)
+
+
 # ----------------------------------------------------------------------------- autograd
 def _em_fit_setup_context(ctx, inputs, output):
     x, weights, _, _, _, _, var_floor, _, _ = inputs

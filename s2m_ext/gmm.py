@@ -199,8 +199,10 @@ class DiagGMM:
         )
 
 
-Seeder = Callable[[Tensor, Tensor, Tensor], Tensor]
 InitParams = Tuple[Tensor, Tensor, Tensor]
+#: The initial parameters of a k-means++ fit from x (B,N,D), weights (B,N), uniforms (B,K) and
+#: var_floor: ``ops.kmeanspp_init`` or :func:`s2m_ext.reference.kmeanspp_init`.
+Initialiser = Callable[[Tensor, Tensor, Tensor, float], InitParams]
 #: k-means++ randomness: torch's global RNG (None), one generator for the batch, or one per set.
 GeneratorArg = Union[None, torch.Generator, Sequence[torch.Generator]]
 
@@ -229,38 +231,14 @@ def _uniforms(generator: GeneratorArg, batch: int, k: int, device: torch.device)
     return torch.cat([torch.rand((1, k), generator=g, dtype=torch.float64, device=g.device).to(device) for g in generator])
 
 
-#: Elements of the squared-deviation buffer of _kmeanspp_init (CPU, CUDA): 16 MiB of float32 on
-#: the CPU; on a GPU 1 GiB, so that even the largest batches take a few launches.
-_SPREAD_BUFFER = (1 << 22, 1 << 28)
-
-
-def _kmeanspp_init(x: Tensor, weights: Tensor, k: int, var_floor: float, generator: GeneratorArg, seeder: Seeder) -> InitParams:
+def _kmeanspp_init(
+    x: Tensor, weights: Tensor, k: int, var_floor: float, generator: GeneratorArg, initialiser: Initialiser
+) -> InitParams:
     """k-means++ means, the set's weighted per-dimension variance + var_floor for every
     component, and uniform weights. Constants for autograd (computed without history)."""
-    batch, _, dims = x.shape
     with torch.no_grad():
-        uniforms = _uniforms(generator, batch, k, x.device)
-        idx = seeder(x.detach(), weights.detach(), uniforms)
-        means = torch.gather(x.detach(), 1, idx.unsqueeze(-1).expand(batch, k, dims))
-        # Weighted sums over points as (B,1,N) x (B,N,D) products: two passes over x instead of
-        # six. Validation bounds |x| so that squared deviations are finite: a zero weight adds 0.
-        xd, w = x.detach(), weights.detach().unsqueeze(1)
-        total = w.sum(2)
-        total = torch.where(total > 0, total, torch.ones_like(total))
-        centre = torch.bmm(w, xd).squeeze(1) / total
-        # Squared deviations a few sets at a time: the buffer holds at most max(one set,
-        # _SPREAD_BUFFER elements), not a second copy of x.
-        step = max(1, _SPREAD_BUFFER[x.device.type == "cuda"] // max(1, x.shape[1] * dims))
-        squares = xd.new_empty((min(batch, step), x.shape[1], dims))
-        spread = torch.empty_like(centre)
-        for b0 in range(0, batch, step):
-            b1 = min(batch, b0 + step)
-            sq = torch.sub(xd[b0:b1], centre[b0:b1].unsqueeze(1), out=squares[: b1 - b0]).square_()
-            torch.bmm(w[b0:b1], sq, out=spread[b0:b1].unsqueeze(1))
-        spread = spread / total
-        variances = (spread + var_floor).clamp_min(limits(x.dtype)[2]).unsqueeze(1).expand(batch, k, dims).contiguous()
-        log_weights = torch.full((batch, k), -math.log(k), dtype=x.dtype, device=x.device)
-    return log_weights, means, variances
+        uniforms = _uniforms(generator, x.shape[0], k, x.device)
+        return initialiser(x.detach(), weights.detach(), uniforms, var_floor)
 
 
 def prepare_fit(
@@ -272,7 +250,7 @@ def prepare_fit(
     var_floor,
     generator,
     tol,
-    seeder: Seeder,
+    initialiser: Initialiser,
 ) -> Tuple[Tensor, Tensor, InitParams, Dict[str, float]]:
     """Validate :func:`fit_gmm`'s arguments and build the initial parameters."""
     V.check_tensor(x, "x", 3, "(B, N, D)")
@@ -314,7 +292,7 @@ def prepare_fit(
     elif isinstance(init, str):
         if init != "kmeans++":
             raise ValueError(f"init must be 'kmeans++' or a DiagGMM, got {init!r}")
-        params = _kmeanspp_init(x, weights, 2 if n_components is None else n_components, var_floor, generator, seeder)
+        params = _kmeanspp_init(x, weights, 2 if n_components is None else n_components, var_floor, generator, initialiser)
     else:
         raise TypeError(f"init must be 'kmeans++' or a DiagGMM, got {type(init).__name__}")
     return x, weights, params, {"n_iter": n_iter, "var_floor": var_floor, "tol": tol}
@@ -364,7 +342,7 @@ def fit_gmm(
     """
     implicit_config = implicit.resolve_backward(backward)
     x, weights, init_params, cfg = prepare_fit(
-        x, weights, n_components, n_iter, init, var_floor, generator, tol, seeder=ops.kmeanspp
+        x, weights, n_components, n_iter, init, var_floor, generator, tol, initialiser=ops.kmeanspp_init
     )
     if implicit_config is not None:
         lw, mu, var, loglik, used, converged = implicit.fit_implicit(

@@ -34,6 +34,7 @@ __all__ = [
     "log_prob",
     "log_prob_pool",
     "kmeanspp",
+    "kmeanspp_init",
     "fit_gmm",
 ]
 
@@ -150,10 +151,15 @@ def log_prob_pool(z: Tensor, log_weights: Tensor, means: Tensor, variances: Tens
 
 
 def _sample(p: Tensor, u: Tensor) -> Tensor:
-    """Inverse-CDF draw per row: first n with cumsum(p)[n] > u * sum(p)."""
+    """Inverse-CDF draw per row: first n with cumsum(p)[n] > u * sum(p); where rounding leaves
+    none (u within an ulp of 1, or a row of zeros), the last n with p > 0 (0 if none), as the
+    kernels do."""
     cum = p.double().cumsum(1)
     target = (u * cum[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cum, target, right=True).squeeze(1).clamp_max(p.shape[1] - 1)
+    first = torch.searchsorted(cum, target, right=True).squeeze(1)
+    positions = torch.arange(p.shape[1], device=p.device)
+    last_positive = torch.where(p > 0, positions, torch.zeros_like(positions)).amax(1)
+    return torch.where(first < p.shape[1], first, last_positive)
 
 
 def kmeanspp(x: Tensor, weights: Tensor, uniforms: Tensor) -> Tensor:
@@ -177,6 +183,25 @@ def kmeanspp(x: Tensor, weights: Tensor, uniforms: Tensor) -> Tensor:
     return idx
 
 
+def kmeanspp_init(x: Tensor, weights: Tensor, uniforms: Tensor, var_floor: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """The initial parameters of a k-means++ fit: log weights (B,K) = -log K, means (B,K,D) =
+    the points :func:`kmeanspp` draws, variances (B,K,D) = the set's weighted per-dimension
+    variance + var_floor (at least eps**2), the same for every component. A set of zero
+    weight has centre and spread 0."""
+    batch, _, dims = x.shape
+    k = uniforms.shape[1]
+    idx = kmeanspp(x, weights, uniforms)
+    means = torch.gather(x, 1, idx.unsqueeze(-1).expand(batch, k, dims))
+    w = weights.unsqueeze(-1)
+    total = w.sum(1)
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    centre = (w * x).sum(1) / total
+    spread = (w * (x - centre.unsqueeze(1)) ** 2).sum(1) / total
+    variances = (spread + var_floor).clamp_min(limits(x.dtype)[2]).unsqueeze(1).expand(batch, k, dims).contiguous()
+    log_weights = torch.full((batch, k), -math.log(k), dtype=x.dtype, device=x.device)
+    return log_weights, means, variances
+
+
 def fit_gmm(
     x: Tensor,
     weights: Optional[Tensor] = None,
@@ -193,7 +218,7 @@ def fit_gmm(
     from .gmm import DiagGMM, prepare_fit
 
     x, weights, init_params, settings = prepare_fit(
-        x, weights, n_components, n_iter, init, var_floor, generator, tol, seeder=kmeanspp
+        x, weights, n_components, n_iter, init, var_floor, generator, tol, initialiser=kmeanspp_init
     )
     lw, mu, var, loglik, used, converged = em_fit(x, weights, *init_params, **settings)
     return DiagGMM._from_fit(lw, mu, var, loglik, used, converged)

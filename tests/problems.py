@@ -52,14 +52,7 @@ def make_problem(
         w = torch.where(torch.arange(N).unsqueeze(0) < valid.unsqueeze(1), w, torch.zeros_like(w))
     floor = 1e-3 * scale**2 if var_floor is None else var_floor
     u = torch.rand(B, K, generator=g, dtype=f64)
-    idx = reference.kmeanspp(x, w, u)
-    means = x.gather(1, idx.unsqueeze(-1).expand(B, K, D)).clone()
-    total = w.sum(1, keepdim=True).unsqueeze(-1)
-    centre = (w.unsqueeze(-1) * x).sum(1, keepdim=True) / total
-    spread = (w.unsqueeze(-1) * (x - centre) ** 2).sum(1, keepdim=True) / total
-    variances = (spread + floor).expand(B, K, D).clone()
-    log_weights = torch.full((B, K), -torch.log(torch.tensor(float(K), dtype=f64)).item(), dtype=f64)
-    return Problem(x, w, (log_weights, means, variances), floor)
+    return Problem(x, w, reference.kmeanspp_init(x, w, u, floor), floor)
 
 
 def rel_err(actual: Tensor, expected: Tensor, scale: float = 0.0) -> float:

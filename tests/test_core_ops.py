@@ -63,6 +63,7 @@ def test_opcheck_kmeanspp(device):
     w = torch.rand(3, 9, dtype=torch.float64, device=device)
     u = torch.rand(3, 4, dtype=torch.float64, device=device)
     torch.library.opcheck(ops.kmeanspp.default, (x, w, u))
+    torch.library.opcheck(ops.kmeanspp_init.default, (x, w, u, 0.01))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 from conftest import DEVICES, DTYPES, RTOL
-from problems import assert_grads_rel, assert_rel, make_problem
+from problems import SHAPES, assert_grads_rel, assert_rel, float32_bar, make_problem, rel_err
 
 import s2m_ext
 from s2m_ext import DiagGMM, reference
@@ -239,6 +239,30 @@ def test_kmeanspp_op_matches_reference(dtype, device):
     assert torch.equal(idx, reference.kmeanspp(x, w, u))
     assert (idx[2] >= 20).all(), "zero-weight points are never chosen"
     assert len(set(idx[0].tolist())) == K, "distinct points are chosen while there are enough"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,B,N,D,K,opts", SHAPES, ids=[s[0] for s in SHAPES])
+def test_kmeanspp_init_op_matches_reference(name, B, N, D, K, opts, dtype, device):
+    """The initial parameters from the same uniforms: log weights and means (the drawn points)
+    exactly, variances to the rounding of another summation order: RTOL in float64; in
+    float32 against float64, the bar of the reference computing plainly in float32."""
+    p = make_problem(B, N, D, K, **opts)
+    p.weights[-1] = 0.0  # a set of zero weight: centre and spread 0, variance = the floor
+    u = torch.rand(B, K, dtype=torch.float64)
+    q = p.to(dtype, device)
+    lw, mu, var = s2m_ext.ops.kmeanspp_init(q.x, q.weights, u.to(device), p.var_floor)
+    want = reference.kmeanspp_init(q.x, q.weights, u.to(device), p.var_floor)
+    assert torch.equal(lw, want[0]) and torch.equal(mu, want[1])
+    exact = reference.kmeanspp_init(p.x, p.weights, u, p.var_floor)[2]
+    if dtype == torch.float64:
+        assert_rel(var, exact, RTOL[dtype], "variances")
+    else:
+        plain = reference.kmeanspp_init(p.x.float(), p.weights.float(), u, p.var_floor)[2]
+        assert_rel(var, exact, float32_bar(rel_err(plain, exact)), "variances")
+    floor = max(p.var_floor, torch.finfo(dtype).eps ** 2)
+    assert torch.equal(var[-1].cpu(), torch.full((K, D), floor, dtype=dtype)), "zero-weight set"
 
 
 @pytest.mark.parametrize("device", DEVICES)

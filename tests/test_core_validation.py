@@ -147,3 +147,7 @@ def test_ops_called_directly_check_their_arguments():
         s2m_ext.ops.score_pool(torch.randn(4, 5), lw, mu, var)
     with pytest.raises(TypeError, match="uniforms must be float64"):
         s2m_ext.ops.kmeanspp(x, w, torch.rand(2, 2))
+    with pytest.raises(TypeError, match="uniforms must be float64"):
+        s2m_ext.ops.kmeanspp_init(x, w, torch.rand(2, 2), 1e-3)
+    with pytest.raises(ValueError, match="var_floor must be a finite number >= 0"):
+        s2m_ext.ops.kmeanspp_init(x, w, torch.rand(2, 2, dtype=torch.float64), -1e-3)

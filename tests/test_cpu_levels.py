@@ -55,7 +55,8 @@ CHILD = textwrap.dedent(
         pgrad = torch.ops.s2m.score_paired_backward(torch.ones_like(paired), z, *final)
         u = torch.rand(x.shape[0], lw.shape[1], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
         seeds = torch.ops.s2m.kmeanspp(x, w, u)
-        out.append(dict(fit=fit[:4], iters=fit[4], bwd=bwd, paired=paired, pgrad=pgrad, seeds=seeds))
+        init = torch.ops.s2m.kmeanspp_init(x, w, u, floor)
+        out.append(dict(fit=fit[:4], iters=fit[4], bwd=bwd, paired=paired, pgrad=pgrad, seeds=seeds, init=init))
     torch.save(out, path + "." + level)
     """
 )
@@ -106,6 +107,8 @@ def test_every_level_gives_the_same_results_within_rounding(tmp_path):
             assert_rel(g["paired"], e["paired"], RTOL[torch.float64], f"{what}: score_paired")
             assert_grads_rel(g["pgrad"], e["pgrad"], RTOL[torch.float64], ("z", "lw", "mu", "var"))
             assert torch.equal(g["seeds"], e["seeds"]), f"{what}: kmeanspp"
+            assert torch.equal(g["init"][1], e["init"][1]), f"{what}: kmeanspp_init means"
+            assert_rel(g["init"][2], e["init"][2], RTOL[torch.float64], f"{what}: kmeanspp_init variances")
 
 
 def _first_op_error(level: str) -> str:

@@ -33,7 +33,7 @@ BUILD = s2m_ext.build_info()
 requires_cuda_build = pytest.mark.skipif(not BUILD["cuda"], reason="extension built without CUDA")
 requires_gpu = pytest.mark.skipif(not BUILD["cuda_available"], reason="needs a CUDA device and a CUDA build")
 
-OPS = ("em_fit", "em_fit_backward", "score_paired", "score_paired_backward", "score_pool", "score_pool_backward", "kmeanspp")
+OPS = ("em_fit", "em_fit_backward", "score_paired", "score_paired_backward", "score_pool", "score_pool_backward", "kmeanspp", "kmeanspp_init")
 
 #: The core shapes plus a large one (N=1024, D=2048, K=16).
 CUDA_SHAPES = SHAPES + [("large", 2, 1024, 2048, 16, {})]
@@ -267,6 +267,27 @@ def test_kmeanspp_cuda_equals_cpu(dtype):
     w = torch.rand(16, 500, dtype=dtype) * (torch.rand(16, 500) > 0.2)
     u = torch.rand(16, 5, dtype=torch.float64)
     assert torch.equal(ops.kmeanspp(*_cuda((x, w, u))).cpu(), ops.kmeanspp(x, w, u))
+    w[3] = 0.0  # a set of zero weight
+    lw, mu, var = ops.kmeanspp_init(*_cuda((x, w, u)), 1e-3)
+    want = ops.kmeanspp_init(x, w, u, 1e-3)
+    assert torch.equal(lw.cpu(), want[0]) and torch.equal(mu.cpu(), want[1])
+    assert_rel(var.cpu(), want[2], RTOL[dtype], "variances")
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_kmeanspp_init_of_half_inputs_is_the_float32_one_cast(dtype):
+    """Computed in float32, held in x's dtype, never below that dtype's eps**2."""
+    x = (torch.randn(6, 40, 5, device="cuda") * 1e-4).to(dtype)  # spreads below eps**2 of dtype
+    w = torch.rand(6, 40, device="cuda").to(dtype)
+    u = torch.rand(6, 3, dtype=torch.float64, device="cuda")
+    low = ops.kmeanspp_init(x, w, u, 0.0)
+    high = ops.kmeanspp_init(x.float(), w.float(), u, 0.0)
+    var_min = torch.finfo(dtype).eps ** 2
+    assert all(t.dtype == dtype for t in low)
+    assert torch.equal(low[1], high[1].to(dtype))
+    assert torch.equal(low[2], high[2].to(dtype).clamp_min(var_min))
+    assert float(low[2].min()) >= var_min
 
 
 @requires_gpu

@@ -128,11 +128,15 @@ struct PairedArgs {
 constexpr int64_t kPairedRows = 64;
 
 // s2m::kmeanspp: x (B,N,D), w (B,N), uniforms u (B,K) -> indices (B,K).
+// s2m::kmeanspp_init also fills the initial parameters: log weights (B,K) = -log K, means
+// (B,K,D) = the drawn points, variances (B,K,D) = the set's weighted variance + var_floor.
 template <typename T>
 struct KmeansppArgs {
   const T *x, *w;
   const double* u;
   int64_t* idx;
+  T *log_weights, *means, *variances;  // all null for s2m::kmeanspp
+  T var_floor;
   int64_t B, N, D, K;
 };
 

@@ -177,11 +177,54 @@ void seed_set(const T* x, const T* w, const double* u, int64_t N, int64_t D, int
   }
 }
 
+// The initial parameters of set b (see KmeansppArgs) from its drawn indices. The set's points
+// are in cache from the draws; centre and spread are sums over points in point order.
+template <typename T>
+void initial_parameters(const KmeansppArgs<T>& a, int64_t b, std::vector<T>& centre,
+                        std::vector<T>& spread) {
+  const int64_t N = a.N, D = a.D, K = a.K;
+  const T *x = a.x + b * N * D, *w = a.w + b * N;
+  T total = 0;
+  for (int64_t n = 0; n < N; ++n) total += w[n];
+  if (!(total > T(0))) total = T(1);  // no weight at all: centre and spread 0
+  centre.assign(D, T(0));
+  spread.assign(D, T(0));
+  T* c = centre.data();
+  T* s = spread.data();
+  for (int64_t n = 0; n < N; ++n) {
+    const T wn = w[n];
+    const T* xn = x + n * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) c[d] += wn * xn[d];
+  }
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) c[d] /= total;
+  // Validation bounds |x| so that squared deviations are finite: a zero weight adds 0.
+  for (int64_t n = 0; n < N; ++n) {
+    const T wn = w[n];
+    const T* xn = x + n * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      const T dev = xn[d] - c[d];
+      s[d] += wn * (dev * dev);
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) s[d] = floored_variance(s[d] / total, a.var_floor);
+  const T log_weight = -T(std::log(double(K)));
+  for (int64_t k = 0; k < K; ++k) {
+    a.log_weights[b * K + k] = log_weight;
+    std::copy(x + a.idx[b * K + k] * D, x + (a.idx[b * K + k] + 1) * D, a.means + (b * K + k) * D);
+    std::copy(s, s + D, a.variances + (b * K + k) * D);
+  }
+}
+
 template <typename T>
 void kmeanspp(const KmeansppArgs<T>& a, int64_t begin, int64_t end) {
-  std::vector<T> d2, p;
-  for (int64_t b = begin; b < end; ++b)
+  std::vector<T> d2, p, centre, spread;
+  for (int64_t b = begin; b < end; ++b) {
     seed_set(a.x + b * a.N * a.D, a.w + b * a.N, a.u + b * a.K, a.N, a.D, a.K, a.idx + b * a.K, d2, p);
+    if (a.means != nullptr) initial_parameters(a, b, centre, spread);
+  }
 }
 
 template <typename T>

@@ -135,6 +135,40 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The initial parameters of set blockIdx.x from its drawn indices (KmeansppInit). A kernel of
+// its own: the double division's slow-path call, inlined into kmeanspp_kernel, made it spill.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    initial_parameters_kernel(const T* x, const T* w, const int64_t* idx, int N, int D, int K,
+                              KmeansppInit<T> init) {
+  const int64_t b = blockIdx.x;
+  const T* xb = x + b * int64_t(N) * D;
+  const T* wb = w + b * int64_t(N);
+  // Each thread sums the weights itself, in point order: the same total everywhere.
+  T total = T(0);
+  for (int n = 0; n < N; ++n) total += wb[n];
+  if (!(total > T(0))) total = T(1);  // no weight at all: centre and spread 0
+  // One dimension a thread, points in order (as the CPU kernel): coalesced over d.
+  for (int d = int(threadIdx.x); d < D; d += kThreads) {
+    T centre = T(0);
+    for (int n = 0; n < N; ++n) centre += wb[n] * xb[int64_t(n) * D + d];
+    centre /= total;
+    // Validation bounds |x| so that squared deviations are finite: a zero weight adds 0.
+    T spread = T(0);
+    for (int n = 0; n < N; ++n) {
+      const T dev = xb[int64_t(n) * D + d] - centre;
+      spread += wb[n] * (dev * dev);
+    }
+    const T variance = floored_variance(spread / total, init.var_floor);
+    for (int k = 0; k < K; ++k) {
+      const int64_t out = (b * K + k) * D + d;
+      init.means[out] = xb[idx[b * K + k] * D + d];
+      init.variances[out] = variance;
+    }
+  }
+  for (int k = int(threadIdx.x); k < K; k += kThreads) init.log_weights[b * K + k] = -T(log(double(K)));
+}
+
 }  // namespace
 
 template <typename T>
@@ -144,19 +178,28 @@ size_t kmeanspp_workspace_bytes(int64_t B, int64_t N) {
 
 template <typename T>
 cudaError_t kmeanspp(const T* x, const T* w, const double* uniforms, int64_t B, int64_t N,
-                     int64_t D, int64_t K, int64_t* idx, void* workspace, cudaStream_t stream) {
+                     int64_t D, int64_t K, int64_t* idx, KmeansppInit<T> init, void* workspace,
+                     cudaStream_t stream) {
   if (B == 0 || K == 0) return cudaSuccess;
   S2M_LAUNCH(kmeanspp_kernel<T>, dim3(unsigned(B)), dim3(kThreads), 0, stream, x, w, uniforms,
              int(N), int(D), int(K), idx, static_cast<T*>(workspace));
+  if (init.means != nullptr) {
+    const cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+    S2M_LAUNCH(initial_parameters_kernel<T>, dim3(unsigned(B)), dim3(kThreads), 0, stream, x, w,
+               idx, int(N), int(D), int(K), init);
+  }
   return cudaGetLastError();
 }
 
 template size_t kmeanspp_workspace_bytes<float>(int64_t, int64_t);
 template size_t kmeanspp_workspace_bytes<double>(int64_t, int64_t);
 template cudaError_t kmeanspp<float>(const float*, const float*, const double*, int64_t, int64_t,
-                                     int64_t, int64_t, int64_t*, void*, cudaStream_t);
+                                     int64_t, int64_t, int64_t*, KmeansppInit<float>, void*,
+                                     cudaStream_t);
 template cudaError_t kmeanspp<double>(const double*, const double*, const double*, int64_t,
-                                      int64_t, int64_t, int64_t, int64_t*, void*, cudaStream_t);
+                                      int64_t, int64_t, int64_t, int64_t*, KmeansppInit<double>,
+                                      void*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace s2m

@@ -399,9 +399,41 @@ void kmeanspp_case(int64_t B, int64_t N, int64_t D, int64_t K, unsigned seed, bo
   std::vector<int64_t> idx(B * K, -1);
   std::vector<unsigned char> ws =
       s2m_emu::poisoned_bytes(s2m::cuda::kmeanspp_workspace_bytes<T>(B, N) + 16);
-  emu_check(s2m::cuda::kmeanspp<T>(x.data(), w.data(), u.data(), B, N, D, K, idx.data(), ws.data(),
-                                   nullptr) == cudaSuccess, "kmeanspp launch " + tag);
+  emu_check(s2m::cuda::kmeanspp<T>(x.data(), w.data(), u.data(), B, N, D, K, idx.data(), {},
+                                   ws.data(), nullptr) == cudaSuccess, "kmeanspp launch " + tag);
   emu_check(idx == want, "kmeanspp indices " + tag);
+
+  // s2m::kmeanspp_init: the same draws, and the initial parameters against double sums.
+  const T var_floor = T(0.01);
+  std::vector<T> lw = nans<T>(B * K), mu = nans<T>(B * K * D), var = nans<T>(B * K * D);
+  std::fill(idx.begin(), idx.end(), -1);
+  ws = s2m_emu::poisoned_bytes(s2m::cuda::kmeanspp_workspace_bytes<T>(B, N) + 16);
+  const s2m::cuda::KmeansppInit<T> init{lw.data(), mu.data(), var.data(), var_floor};
+  emu_check(s2m::cuda::kmeanspp<T>(x.data(), w.data(), u.data(), B, N, D, K, idx.data(), init,
+                                   ws.data(), nullptr) == cudaSuccess, "kmeanspp_init launch " + tag);
+  emu_check(idx == want, "kmeanspp_init indices " + tag);
+  std::vector<double> want_lw(B * K, -std::log(double(K))), want_mu(B * K * D), want_var(B * K * D);
+  for (int64_t b = 0; b < B; ++b) {
+    double total = 0;
+    for (int64_t n = 0; n < N; ++n) total += double(w[b * N + n]);
+    if (!(total > 0)) total = 1;
+    for (int64_t d = 0; d < D; ++d) {
+      double centre = 0, spread = 0;
+      for (int64_t n = 0; n < N; ++n) centre += double(w[b * N + n]) * double(x[(b * N + n) * D + d]);
+      centre /= total;
+      for (int64_t n = 0; n < N; ++n) {
+        const double dev = double(x[(b * N + n) * D + d]) - centre;
+        spread += double(w[b * N + n]) * dev * dev;
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        want_mu[(b * K + k) * D + d] = double(x[(b * N + want[b * K + k]) * D + d]);
+        want_var[(b * K + k) * D + d] = spread / total + double(var_floor);
+      }
+    }
+  }
+  close(lw, want_lw, tol<T>(), "kmeanspp_init log weights " + tag);
+  close(mu, want_mu, 0.0, "kmeanspp_init means " + tag);
+  close(var, want_var, tol<T>(), "kmeanspp_init variances " + tag);
 }
 
 }  // namespace
@@ -456,4 +488,5 @@ void run_kmeanspp_tests() {
   kmeanspp_case<double>(2, 600, 3, 5, 2, false);  // N over one block of threads
   kmeanspp_case<float>(3, 40, 7, 4, 3, false);
   kmeanspp_case<float>(2, 30, 3, 3, 4, true);
+  kmeanspp_case<float>(2, 70, 300, 2, 5, false);  // D over one block of threads
 }
