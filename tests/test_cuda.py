@@ -33,7 +33,10 @@ BUILD = s2m_ext.build_info()
 requires_cuda_build = pytest.mark.skipif(not BUILD["cuda"], reason="extension built without CUDA")
 requires_gpu = pytest.mark.skipif(not BUILD["cuda_available"], reason="needs a CUDA device and a CUDA build")
 
-OPS = ("em_fit", "em_fit_backward", "score_paired", "score_paired_backward", "score_pool", "score_pool_backward", "kmeanspp", "kmeanspp_init")
+OPS = (
+    "em_fit", "em_fit_backward", "score_paired", "score_paired_backward", "score_pool", "score_pool_backward",
+    "kmeanspp", "kmeanspp_init",
+)
 
 #: The core shapes plus a large one (N=1024, D=2048, K=16).
 CUDA_SHAPES = SHAPES + [("large", 2, 1024, 2048, 16, {})]
