@@ -41,7 +41,7 @@ from .data.base import mix_seed
 from .data.sources import DATA_SOURCES, data_config
 from .gmm import ConvergenceWarning
 from .implicit import SOLVERS, ImplicitGradientWarning
-from .nn import HistogramLoss, model_from_spec
+from .nn import HistogramLoss, WarmStartCache, model_from_spec
 from .nn.checkpoint import load_checkpoint, save_checkpoint
 from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
 from .nn.scorers import BACKWARDS, MIXTURE_DEFAULTS, SCORER_NAMES
@@ -82,6 +82,8 @@ class TrainConfig:
     bins: int = 100
     dtype: str = "float32"
     init_from: Optional[str] = None
+    warm_start: bool = False
+    warm_var_floor: float = 1e-6
     # optimisation
     steps: int = 2000
     lr: float = 1e-3
@@ -176,6 +178,10 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"--lr-schedule must be cosine or constant, got {cfg.lr_schedule!r}")
+    if cfg.warm_start and (cfg.scorer == "gauss" or not cfg.scorer.startswith("gmm")):
+        raise ValueError(f"--warm-start needs a mixture scorer (gmm2, gmm3, ...), got --scorer {cfg.scorer}")
+    if not (math.isfinite(cfg.warm_var_floor) and cfg.warm_var_floor > 0):
+        raise ValueError(f"--warm-var-floor must be a finite number > 0, got {cfg.warm_var_floor}")
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -367,6 +373,8 @@ class _Run:
         if cfg.init_from and resume_payload is None:
             _load_embedding(self.model, cfg.init_from, model_spec(cfg)["embedding"])
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.warm_start = WarmStartCache(cfg.warm_var_floor) if cfg.warm_start else None
+        self.model.warm_start = self.warm_start
         self.step, self.history, self.val_history, self.best_val, self.elapsed_before = 0, [], [], -math.inf, 0.0
         if resume_payload is not None:
             self.model.load_state_dict(resume_payload["state_dict"])
@@ -375,6 +383,8 @@ class _Run:
             self.history, self.val_history = list(resume_payload["history"]), list(resume_payload["val_history"])
             self.best_val = float(resume_payload["best_val"])
             self.elapsed_before = float(resume_payload.get("elapsed_s", 0.0))
+            if self.warm_start is not None:
+                self.warm_start.load_state_dict(resume_payload["warm_start"], self.device)
             _set_rng_state(resume_payload["rng"])
         self.net = self.model
         if self.world > 1:
@@ -421,6 +431,7 @@ class _Run:
             "best_val": self.best_val,
             "world_size": self.world,
             "elapsed_s": self.elapsed(),
+            "warm_start": None if self.warm_start is None else self.warm_start.state_dict(),
         }
 
     def log(self, record: Dict[str, Any]) -> None:
@@ -436,7 +447,8 @@ class _Run:
             group["lr"] = learning_rate(cfg, self.step)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", FIT_WARNINGS)
-            scores = self.net(concept, queries, generators=batch.generators())
+            warm_keys = batch.classes if self.warm_start is not None else None
+            scores = self.net(concept, queries, generators=batch.generators(), warm_keys=warm_keys)
             loss = self.loss_fn(scores[:, : cfg.n_relevant], scores[:, cfg.n_relevant :])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -464,10 +476,18 @@ class _Run:
         self.val_history.append({"step": self.step, "map": val_map})
         recent = self.history[-cfg.val_every :]
         self.log({"event": "val", "step": self.step, "loss": sum(recent) / len(recent), "val_map": val_map,
-                  "fit_warnings": self.fit_warnings.take(), "elapsed_s": round(self.elapsed(), 1)})
+                  "fit_warnings": self.fit_warnings.take(), "elapsed_s": round(self.elapsed(), 1),
+                  **self.warm_start_counts()})
         if val_map > self.best_val:
             self.best_val = val_map
             save_checkpoint(self.out / "best.pt", self.payload())
+
+    def warm_start_counts(self) -> Dict[str, int]:
+        """This process's warm and fresh fits so far and its cached concepts ({} without a cache)."""
+        if self.warm_start is None:
+            return {}
+        return {"warm_fits": self.warm_start.warm_fits, "fresh_fits": self.warm_start.fresh_fits,
+                "cached_concepts": len(self.warm_start)}
 
     def checkpoint(self, last: bool) -> None:
         """last.pt every checkpoint_every steps, every checkpoint_minutes and at the end (rank 0)."""
@@ -488,7 +508,7 @@ class _Run:
         """The end of a completed run: the final log record, and the summary of :func:`train`."""
         if self.rank == 0:
             self.log({"event": "end", "step": self.step, "best_val_map": self.best_val,
-                      "elapsed_s": round(self.elapsed(), 1)})
+                      "elapsed_s": round(self.elapsed(), 1), **self.warm_start_counts()})
         if self.world > 1:
             dist.barrier()
         return {
@@ -545,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bins", type=int, help=f"histogram loss bins (default {d.bins})")
     g.add_argument("--dtype", choices=("float32", "float64"), help=f"parameter dtype (default {d.dtype})")
     g.add_argument("--init-from", help="start from the embedding of another s2m-train checkpoint (fine-tuning)")
+    g.add_argument("--warm-start", action="store_true",
+                   help="warm-start each class's EM from its last fit in training (the paper's per-class cache; "
+                        "mixture scorers; validation and evaluation fit fresh)")
+    g.add_argument("--warm-var-floor", type=float,
+                   help=f"variance floor of a warm-started fit (default {d.warm_var_floor}; fresh fits use --var-floor)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help=f"total training steps (default {d.steps})")
     g.add_argument("--lr", type=float, help=f"Adam learning rate (default {d.lr})")

@@ -29,6 +29,8 @@ class EpisodeBatch:
         irrelevant: (B, Q) indices of the irrelevant items.
         seeds: (B,) int64 per-tuple seeds for the model's random initialisations.
         polysemous: (B,) bool, tuples whose concept is the union of two classes.
+        classes: (B, 2) int64, the concept's class and its second class (-1 for a concept
+            of one class): the key of the training-time warm start (s2m_ext.nn.WarmStartCache).
     """
 
     concept: Tensor
@@ -36,6 +38,7 @@ class EpisodeBatch:
     irrelevant: Tensor
     seeds: Tensor
     polysemous: Tensor
+    classes: Tensor
 
     def images(self, data: ClassImages, dtype: torch.dtype = torch.float32, device=None):
         """(concept (B, N, C, H, W), queries (B, P + Q, C, H, W)) float images in [0, 1];
@@ -127,7 +130,7 @@ class EpisodeSampler:
 
     def sample(self, step: int, index: int):
         """Tuple ``index`` of step ``step``: (concept (N,), relevant (P,), irrelevant (Q,),
-        seed, polysemous)."""
+        seed, polysemous, classes (the concept's one or two classes))."""
         gen = torch.Generator().manual_seed(mix_seed(self.seed, step, index))
         n_clean = self.concept_size - self.n_noise
         polysemous = self.polysemy > 0 and float(torch.rand(1, generator=gen)) < self.polysemy
@@ -147,7 +150,7 @@ class EpisodeSampler:
         concept = torch.cat([clean, self._others(classes, self.n_noise, gen)])
         irrelevant = self._others(classes, self.n_irrelevant, gen)
         seed = int(torch.randint(0, 2**62, (1,), generator=gen))
-        return concept, relevant, irrelevant, seed, polysemous
+        return concept, relevant, irrelevant, seed, polysemous, classes
 
     def batch(self, step: int, start: int, stop: int) -> EpisodeBatch:
         """Tuples ``start .. stop-1`` of step ``step`` (a data-parallel shard when the global
@@ -155,11 +158,12 @@ class EpisodeSampler:
         if not 0 <= start < stop:
             raise ValueError(f"need 0 <= start < stop, got {start}, {stop}")
         tuples = [self.sample(step, i) for i in range(start, stop)]
-        concept, relevant, irrelevant, seeds, poly = zip(*tuples)
+        concept, relevant, irrelevant, seeds, poly, classes = zip(*tuples)
         return EpisodeBatch(
             torch.stack(concept),
             torch.stack(relevant),
             torch.stack(irrelevant),
             torch.tensor(seeds, dtype=torch.int64),
             torch.tensor(poly, dtype=torch.bool),
+            torch.tensor([list(c) + [-1] * (2 - len(c)) for c in classes], dtype=torch.int64),
         )

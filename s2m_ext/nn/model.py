@@ -37,6 +37,9 @@ class ConceptModel(nn.Module):
     ``item_dims`` is the number of trailing dimensions of one item: 3 for images (C, H, W,
     the default), 1 for vectors. ``concept_mask`` (B, N) bool marks the real items of ragged (padded) concept sets.
     ``generators`` (None, a torch.Generator, or one per set) drive random initialisations.
+    With a :class:`s2m_ext.nn.WarmStartCache` as ``warm_start`` (mixture scorers, K >= 2),
+    ``model(..., warm_keys=keys)`` fits each concept set from the cached mixture of its key
+    (B, 2) when there is one, and caches the new fits; without ``warm_keys`` every fit is fresh.
     """
 
     def __init__(self, embed: nn.Module, scorer: SetScorer, item_dims: int = 3) -> None:
@@ -50,6 +53,7 @@ class ConceptModel(nn.Module):
         self.embed = embed
         self.scorer = scorer
         self.item_dims = item_dims
+        self.warm_start = None  # a WarmStartCache, set by the training run that uses one
 
     @property
     def scorer_name(self) -> str:
@@ -81,6 +85,7 @@ class ConceptModel(nn.Module):
         queries: Tensor,
         concept_mask: Optional[Tensor] = None,
         generators: Generators = None,
+        warm_keys: Optional[Tensor] = None,
     ) -> Tensor:
         item_dims = self.item_dims
         _check_items(concept, "concept", item_dims + 2)
@@ -102,7 +107,13 @@ class ConceptModel(nn.Module):
         dims = desc.shape[-1]  # explicit: with Q = 0 a -1 would be ambiguous
         concept_desc = desc[: batch * n_concept].reshape(batch, n_concept, dims)
         query_desc = desc[batch * n_concept :].reshape(batch, queries.shape[1], dims)
-        return self.score(self.fit(concept_desc, concept_mask, generators), query_desc)
+        if warm_keys is None:
+            state = self.fit(concept_desc, concept_mask, generators)
+        elif self.warm_start is None:
+            raise ValueError("warm_keys needs a WarmStartCache as the model's warm_start")
+        else:
+            state = self.warm_start.fit(self.scorer, concept_desc, concept_mask, generators, warm_keys)
+        return self.score(state, query_desc)
 
 
 class Set2Model(ConceptModel):
