@@ -436,7 +436,8 @@ class _Run:
         self.bar = None
         if self.rank == 0 and cfg.progress:
             tqdm = require("tqdm.auto", "train", "the progress bar (--no-progress turns it off)").tqdm
-            self.bar = tqdm(total=cfg.steps, initial=self.step, desc=f"s2m-train {'pl' if cfg.objective == 'classify' else cfg.scorer}", dynamic_ncols=True,
+            name = "pl" if cfg.objective == "classify" else cfg.scorer
+            self.bar = tqdm(total=cfg.steps, initial=self.step, desc=f"s2m-train {name}", dynamic_ncols=True,
                             mininterval=0.5 if sys.stderr.isatty() else 30.0)
         self.started = self.last_save = time.monotonic()
         if self.rank == 0:
