@@ -34,10 +34,10 @@ from .data.sources import DATA_SOURCES, data_config
 from .nn.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .nn.fewshot import episode_accuracy
 from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts, sample_polysemous_concepts
-from .nn.scorers import MIXTURE_DEFAULTS, SCORER_NAMES, display_name, make_scorer
+from .nn.scorers import EVAL_SCORER_NAMES, MIXTURE_DEFAULTS, SVM_DEFAULTS, display_name, make_scorer, short_name
 from .train import check_device, check_threads, default_threads
 
-__all__ = ["evaluate", "evaluate_fewshot", "main", "confidence_interval"]
+__all__ = ["evaluate", "evaluate_fewshot", "main", "confidence_interval", "svm_negatives"]
 
 
 @dataclass
@@ -51,6 +51,11 @@ class Group:
     @property
     def scorer(self) -> str:
         return self.payloads[0]["model"]["scorer"]
+
+    @property
+    def pretrained(self) -> bool:
+        """A PL embedding (trained as a softmax classifier, ``s2m-train --objective classify``)."""
+        return self.payloads[0]["model"].get("objective", "histogram") == "classify"
 
 
 def confidence_interval(values: Sequence[float], level: float = 0.95) -> Tuple[float, float]:
@@ -89,7 +94,7 @@ def load_groups(groups: List[Group]) -> None:
         if len(specs) > 1:
             raise CheckpointError(f"the checkpoints of {group.label or group.paths[0]!r} describe different models: {sorted(specs)}")
         if not group.label:
-            group.label = display_name(group.scorer)
+            group.label = "PL" if group.pretrained else display_name(group.scorer)
     labels = [g.label for g in groups]
     for label in set(labels):
         if labels.count(label) > 1:
@@ -128,10 +133,12 @@ def evaluate(
     var_floor: Optional[float] = None,
     device: str = "cpu",
     polysemy: bool = False,
+    negatives: Optional[torch.Tensor] = None,
 ) -> Dict[str, Any]:
     """mAP of every (group, scorer) at every noise level; see the module docstring. With
     ``polysemy`` every concept set is drawn from two classes, both relevant
-    (:func:`~s2m_ext.nn.retrieval.sample_polysemous_concepts`).
+    (:func:`~s2m_ext.nn.retrieval.sample_polysemous_concepts`). The ``svm`` scorer needs
+    ``negatives``: the training images (M, C, H, W) used as negatives (:func:`svm_negatives`).
 
     Returns ``{"rows": [...], "example": {...}}``: a row per (group, scorer) with, per noise
     level, the mean, the 95% interval, what it is over, and the raw mAPs [run][seed]."""
@@ -148,9 +155,9 @@ def evaluate(
         names = _scorer_names(group, scorers)
         per_row = {name: {nz: [] for nz in noise} for name in names}
         for run, payload in enumerate(group.payloads):
-            desc = _embed(payload, test, device)
+            desc = _embed(payload, test.images, device)
             for name in names:
-                scorer = _scorer(name, payload, n_iter, var_floor)
+                scorer = _scorer(name, payload, n_iter, var_floor, negatives, device)
                 for nz in noise:
                     maps = []
                     for s in range(seeds):
@@ -169,20 +176,44 @@ def evaluate(
     return {"rows": rows, "example": example}
 
 
-def _embed(payload: Dict[str, Any], test: ClassImages, device: str) -> torch.Tensor:
-    """Descriptors (M, D) of the test images under a checkpoint's embedding."""
+def _embed(payload: Dict[str, Any], images: torch.Tensor, device: str) -> torch.Tensor:
+    """Descriptors (M, D) of images (M, C, H, W) under a checkpoint's embedding."""
     model = model_from_checkpoint(payload).to(device).eval()
-    return embed_all(model, test.images, dtype=next(model.parameters()).dtype)
+    return embed_all(model, images, dtype=next(model.parameters()).dtype)
 
 
-def _scorer(name: str, payload: Dict[str, Any], n_iter: Optional[int], var_floor: Optional[float]):
-    """Scorer ``name`` with the checkpoint's mixture settings unless overridden."""
+#: Seed of the draw of the SVM's negatives (the same training images for every checkpoint).
+NEGATIVES_SEED = 41
+
+
+def svm_negatives(train: ClassImages, n_negatives: int = SVM_DEFAULTS.n_negatives) -> torch.Tensor:
+    """The SVM's negatives: ``n_negatives`` training images drawn without replacement by a
+    fixed seed (:data:`NEGATIVES_SEED`), the same for every checkpoint of that data. The
+    training classes are disjoint from the validation and test classes, so every negative is
+    of another class than any concept set evaluated. Returns the images (n_negatives, C, H, W)."""
+    if isinstance(n_negatives, bool) or not isinstance(n_negatives, int) or not 1 <= n_negatives <= len(train):
+        raise ValueError(f"--svm-negatives must be an int in [1, {len(train)}] (the training images), got {n_negatives!r}")
+    gen = torch.Generator().manual_seed(NEGATIVES_SEED)
+    picked = torch.randperm(len(train), generator=gen)[:n_negatives]
+    return train.images[picked]
+
+
+def _scorer(name: str, payload: Dict[str, Any], n_iter: Optional[int], var_floor: Optional[float],
+            negatives: Optional[torch.Tensor] = None, device: str = "cpu"):
+    """Scorer ``name`` with the checkpoint's mixture settings unless overridden; ``svm`` gets
+    the descriptors of ``negatives`` under the checkpoint's embedding."""
     spec = payload["model"]
+    neg_desc = None
+    if name == "svm":
+        if negatives is None:
+            raise ValueError("the svm scorer needs negatives: the training images of the checkpoints' data")
+        neg_desc = _embed(payload, negatives, device)
     return make_scorer(
         name,
         n_iter=spec.get("n_iter", MIXTURE_DEFAULTS.n_iter) if n_iter is None else n_iter,
         var_floor=spec.get("var_floor", MIXTURE_DEFAULTS.var_floor) if var_floor is None else var_floor,
         tol=spec.get("tol", MIXTURE_DEFAULTS.tol),
+        negatives=neg_desc,
     )
 
 
@@ -191,6 +222,10 @@ def _scorer_names(group: Group, scorers: Sequence[str]) -> List[str]:
 
 
 def _row_label(group: Group, name: str) -> str:
+    """FT groups: the label for the scorer trained with, "<Scorer> on <label>" otherwise; PL
+    groups (one pre-learned embedding, no scorer of its own): "<label>-<Scorer>", e.g. PL-SVM."""
+    if group.pretrained:
+        return f"{group.label}-{short_name(name)}"
     if name == group.scorer:
         return group.label
     return f"{display_name(name).split('-FT')[0].replace('S2M-', '')} on {group.label}"
@@ -221,10 +256,11 @@ def evaluate_fewshot(
     n_iter: Optional[int] = None,
     var_floor: Optional[float] = None,
     device: str = "cpu",
+    negatives: Optional[torch.Tensor] = None,
 ) -> Dict[str, Any]:
     """Few-shot classification accuracy (:mod:`s2m_ext.nn.fewshot`) of every (group, scorer)
     in every N-way K-shot setting, over ``episodes`` episodes drawn from the test classes
-    (the same episodes for every model).
+    (the same episodes for every model). ``negatives``: as in :func:`evaluate`.
 
     Returns ``{"fewshot": [...]}``: a row per (group, scorer) with, per setting
     (``"5-way 1-shot"``, ...), the mean accuracy, its 95% interval, what it is over and the
@@ -235,9 +271,9 @@ def evaluate_fewshot(
         names = _scorer_names(group, scorers)
         per_row = {name: {st: [] for st in settings} for name in names}
         for payload in group.payloads:
-            desc = _embed(payload, test, device)
+            desc = _embed(payload, test.images, device)
             for name in names:
-                scorer = _scorer(name, payload, n_iter, var_floor)
+                scorer = _scorer(name, payload, n_iter, var_floor, negatives, device)
                 for n, k in settings:
                     per_row[name][(n, k)].append([
                         episode_accuracy(scorer, desc, test.labels, n, k, queries_per_class,
@@ -422,7 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="+", metavar="[LABEL=]CKPT[,CKPT...]",
                    help="checkpoints; comma-joined ones (training seeds) are pooled under one label")
     p.add_argument("--scorers", nargs="+", default=["own"],
-                   help=f"scorers to apply to each embedding: 'own' (the one it was trained with) and/or {', '.join(SCORER_NAMES)}")
+                   help="scorers to apply to each embedding: 'own' (the one it was trained with) and/or "
+                        f"{', '.join(EVAL_SCORER_NAMES)} (svm: one-vs-rest linear SVM, negatives from the training images)")
+    p.add_argument("--svm-negatives", type=int, default=SVM_DEFAULTS.n_negatives,
+                   help="svm: random training images used as the negatives of every concept set")
     p.add_argument("--noise", nargs="+", type=float, default=[0.0, 0.3], help="concept-set noise levels")
     p.add_argument("--concept-size", type=int, default=10, help="concept set size n")
     p.add_argument("--seeds", type=int, default=5, help="concept-set draws per model")
@@ -469,8 +508,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for s in args.scorers:
-        if s != "own" and s not in SCORER_NAMES:
-            parser.error(f"--scorers: unknown scorer {s!r}; expected 'own' or one of {', '.join(SCORER_NAMES)}")
+        if s != "own" and s not in EVAL_SCORER_NAMES:
+            parser.error(f"--scorers: unknown scorer {s!r}; expected 'own' or one of {', '.join(EVAL_SCORER_NAMES)}")
+    if args.svm_negatives < 1:
+        parser.error(f"--svm-negatives must be >= 1, got {args.svm_negatives}")
     if args.seeds < 1 or args.concept_size < 1:
         parser.error("--seeds and --concept-size must be >= 1")
     for flag in ("ways", "shots"):
@@ -483,10 +524,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         load_groups(groups)
         data_cfg = resolve_data(groups, args.data, args.data_root, args.test_classes)
         test = load_splits(data_cfg, which=(args.split,))[args.split]
+        negatives = None
+        if "svm" in args.scorers:
+            negatives = svm_negatives(load_splits(data_cfg, which=("train",))["train"], args.svm_negatives)
         if args.fewshot:
-            return _run_fewshot(args, groups, test, data_cfg)
+            return _run_fewshot(args, groups, test, data_cfg, negatives)
         result = evaluate(groups, test, args.scorers, args.noise, args.concept_size, args.seeds,
-                          args.n_iter, args.var_floor, args.device, polysemy=args.polysemy)
+                          args.n_iter, args.var_floor, args.device, polysemy=args.polysemy, negatives=negatives)
     except (FileNotFoundError, ValueError) as exc:  # CheckpointError is a ValueError
         parser.exit(2, f"s2m-eval: error: {exc}\n")
     result["settings"] = {
@@ -507,9 +551,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_fewshot(args: argparse.Namespace, groups: List[Group], test: ClassImages, data_cfg: Dict[str, Any]) -> int:
+def _run_fewshot(args: argparse.Namespace, groups: List[Group], test: ClassImages, data_cfg: Dict[str, Any],
+                 negatives: Optional[torch.Tensor]) -> int:
     result = evaluate_fewshot(groups, test, args.scorers, args.ways, args.shots, args.episodes, args.queries_per_class,
-                              args.n_iter, args.var_floor, args.device)
+                              args.n_iter, args.var_floor, args.device, negatives)
     result["settings"] = {
         "data": data_cfg, "split": args.split, "n_classes": test.n_classes, "n_images": len(test),
         "ways": args.ways, "shots": args.shots, "episodes": args.episodes, "queries_per_class": args.queries_per_class,

@@ -12,6 +12,14 @@ Tuples are a pure function of (seed, step, index) and the model's random initial
 are seeded per tuple, so a run is repeatable, a resumed run continues exactly, and P
 processes compute the same steps as one (up to the order of floating-point sums).
 
+With ``--objective classify`` the embedding is pre-learned (PL) instead: each step draws
+``tuples * (concept-size + n-relevant + n-irrelevant)`` training images (as many as the
+tuples hold; a pure function of (seed, step, index) too) and minimises the softmax
+cross-entropy of a linear head over the training classes on the embedding's output. The
+head lives in the checkpoint (for resuming) but not in the model: s2m-eval applies the
+AVG, NN, SVM and S2M scorers to the PL descriptors as they are (rows PL-AVG, PL-NN, ...).
+``--scorer`` then only picks the scorer of the validation mAP.
+
 Checkpoints (``<out>/last.pt``) are written every ``--checkpoint-minutes`` and at the end;
 ``<out>/best.pt`` keeps the weights with the best validation mAP; ``<out>/log.jsonl``
 records the loss and validation mAP.
@@ -46,7 +54,7 @@ from .nn.checkpoint import load_checkpoint, save_checkpoint
 from .nn.retrieval import embed_all, retrieval_ap, retrieval_scores, sample_concepts
 from .nn.scorers import BACKWARDS, MIXTURE_DEFAULTS, SCORER_NAMES
 
-__all__ = ["TrainConfig", "train", "main", "validation_map"]
+__all__ = ["TrainConfig", "train", "main", "validation_map", "OBJECTIVES", "Classifier", "classify_batch"]
 
 
 @dataclass
@@ -70,6 +78,7 @@ class TrainConfig:
     noise: float = 0.0
     polysemy: float = 0.0
     # model
+    objective: str = "histogram"
     scorer: str = "gauss"
     dim: int = 64
     width: int = 64
@@ -109,8 +118,15 @@ RUNTIME_FIELDS = {
 }
 
 
+#: Training objectives: the histogram loss of the scorer's scores (FT, end to end) or the
+#: softmax cross-entropy of a classifier of the training classes (PL).
+OBJECTIVES = ("histogram", "classify")
+
+
 def model_spec(cfg: TrainConfig) -> Dict[str, Any]:
+    spec = {"objective": cfg.objective} if cfg.objective != "histogram" else {}
     return {
+        **spec,
         "scorer": cfg.scorer,
         "embedding": {"in_channels": 1, "dim": cfg.dim, "width": cfg.width, "depth": cfg.depth},
         "n_iter": cfg.n_iter,
@@ -161,6 +177,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--var-floor must be <= {fmax:.3g} (finite in {cfg.dtype}), got {cfg.var_floor:.3g}")
     if cfg.data not in DATA_SOURCES:
         raise ValueError(f"--data must be one of {DATA_SOURCES}, got {cfg.data!r}")
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"--objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
     if cfg.scorer not in SCORER_NAMES:
         raise ValueError(f"--scorer must be one of {SCORER_NAMES}, got {cfg.scorer!r}")
     if cfg.backward not in BACKWARDS:
@@ -178,6 +196,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.lr_schedule not in ("cosine", "constant"):
         raise ValueError(f"--lr-schedule must be cosine or constant, got {cfg.lr_schedule!r}")
+    if cfg.warm_start and cfg.objective == "classify":
+        raise ValueError("--warm-start warms the mixture fits of --objective histogram; --objective classify fits none")
     if cfg.warm_start and (cfg.scorer == "gauss" or not cfg.scorer.startswith("gmm")):
         raise ValueError(f"--warm-start needs a mixture scorer (gmm2, gmm3, ...), got --scorer {cfg.scorer}")
     if not (math.isfinite(cfg.warm_var_floor) and cfg.warm_var_floor > 0):
@@ -277,6 +297,28 @@ def validation_map(model, data, concept_size: int, seed: int, dtype: torch.dtype
 
 
 # ----------------------------------------------------------------------------- training
+class Classifier(torch.nn.Module):
+    """The PL objective's network: ``model``'s embedding followed by a linear ``head`` over
+    the training classes, images (n, C, H, W) -> logits (n, classes). The head sees the
+    embedding's raw output; the descriptors kept afterwards are its L2-normalised version."""
+
+    def __init__(self, model, n_classes: int) -> None:
+        super().__init__()
+        self.model = model
+        self.head = torch.nn.Linear(model.embed.dim, n_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.model.embed(images))
+
+
+def classify_batch(data, seed: int, step: int, size: int) -> torch.Tensor:
+    """Indices (size,) of the training images of step ``step`` of a PL run: drawn uniformly
+    (with replacement) from a generator seeded by (seed, step), so a resumed run continues
+    exactly and every rank of a data-parallel run sees the same global batch."""
+    gen = torch.Generator().manual_seed(mix_seed(seed, step, 53))
+    return torch.randint(len(data), (size,), generator=gen)
+
+
 def _rng_state() -> Dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -372,12 +414,17 @@ class _Run:
         self.model = model_from_spec(model_spec(cfg)).to(self.device, self.dtype)
         if cfg.init_from and resume_payload is None:
             _load_embedding(self.model, cfg.init_from, model_spec(cfg)["embedding"])
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.classifier = Classifier(self.model, self.train_data.n_classes).to(self.device, self.dtype) \
+            if cfg.objective == "classify" else None
+        trained = self.model if self.classifier is None else self.classifier
+        self.optimizer = torch.optim.Adam(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.warm_start = WarmStartCache(cfg.warm_var_floor) if cfg.warm_start else None
         self.model.warm_start = self.warm_start
         self.step, self.history, self.val_history, self.best_val, self.elapsed_before = 0, [], [], -math.inf, 0.0
         if resume_payload is not None:
             self.model.load_state_dict(resume_payload["state_dict"])
+            if self.classifier is not None:
+                self.classifier.head.load_state_dict(resume_payload["head"])
             self.optimizer.load_state_dict(resume_payload["optimizer"])
             self.step = int(resume_payload["step"])
             self.history, self.val_history = list(resume_payload["history"]), list(resume_payload["val_history"])
@@ -386,10 +433,10 @@ class _Run:
             if self.warm_start is not None:
                 self.warm_start.load_state_dict(resume_payload["warm_start"], self.device)
             _set_rng_state(resume_payload["rng"])
-        self.net = self.model
+        self.net = trained
         if self.world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+            self.net = torch.nn.parallel.DistributedDataParallel(trained, device_ids=device_ids)
 
         self.sampler = EpisodeSampler(self.train_data, cfg.concept_size, cfg.n_relevant, cfg.n_irrelevant, cfg.noise,
                                       cfg.polysemy, cfg.seed)
@@ -401,7 +448,8 @@ class _Run:
         self.bar = None
         if self.rank == 0 and cfg.progress:
             tqdm = require("tqdm.auto", "train", "the progress bar (--no-progress turns it off)").tqdm
-            self.bar = tqdm(total=cfg.steps, initial=self.step, desc=f"s2m-train {cfg.scorer}", dynamic_ncols=True,
+            name = "pl" if cfg.objective == "classify" else cfg.scorer
+            self.bar = tqdm(total=cfg.steps, initial=self.step, desc=f"s2m-train {name}", dynamic_ncols=True,
                             mininterval=0.5 if sys.stderr.isatty() else 30.0)
         self.started = self.last_save = time.monotonic()
         if self.rank == 0:
@@ -423,6 +471,7 @@ class _Run:
             "model": model_spec(cfg),
             "data": data_spec(cfg),
             "state_dict": self.model.state_dict(),
+            **({} if self.classifier is None else {"head": self.classifier.head.state_dict()}),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "rng": _rng_state(),
@@ -441,18 +490,23 @@ class _Run:
     def train_step(self) -> None:
         """One optimisation step on this process's share of the tuples."""
         cfg = self.cfg
-        batch = self.sampler.batch(self.step, self.rank * self.local, (self.rank + 1) * self.local)
-        concept, queries = batch.images(self.train_data, self.dtype, self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.step)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", FIT_WARNINGS)
-            warm_keys = batch.classes if self.warm_start is not None else None
-            scores = self.net(concept, queries, generators=batch.generators(), warm_keys=warm_keys)
-            loss = self.loss_fn(scores[:, : cfg.n_relevant], scores[:, cfg.n_relevant :])
+        if self.classifier is not None:
+            loss = self._classify_loss()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        self.fit_warnings.record(caught, announce=self.rank == 0)
+        else:
+            batch = self.sampler.batch(self.step, self.rank * self.local, (self.rank + 1) * self.local)
+            concept, queries = batch.images(self.train_data, self.dtype, self.device)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", FIT_WARNINGS)
+                warm_keys = batch.classes if self.warm_start is not None else None
+                scores = self.net(concept, queries, generators=batch.generators(), warm_keys=warm_keys)
+                loss = self.loss_fn(scores[:, : cfg.n_relevant], scores[:, cfg.n_relevant :])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            self.fit_warnings.record(caught, announce=self.rank == 0)
         self.optimizer.step()
         self.step += 1
         step_loss = loss.detach()
@@ -465,6 +519,16 @@ class _Run:
             self.bar.update(1)
             val = f"{self.val_history[-1]['map']:.3f}" if self.val_history else "-"
             self.bar.set_postfix(loss=f"{self.ema:.4f}", val_mAP=val)
+
+    def _classify_loss(self) -> torch.Tensor:
+        """Cross-entropy of this process's share of the step's images (see :func:`classify_batch`)."""
+        cfg = self.cfg
+        per_tuple = cfg.concept_size + cfg.n_relevant + cfg.n_irrelevant
+        idx = classify_batch(self.train_data, cfg.seed, self.step, cfg.tuples * per_tuple)
+        idx = idx[self.rank * self.local * per_tuple : (self.rank + 1) * self.local * per_tuple]
+        images = self.train_data.images[idx].to(self.device, self.dtype) / 255.0
+        labels = self.train_data.labels[idx].to(self.device)
+        return torch.nn.functional.cross_entropy(self.net(images), labels)
 
     def validate(self, last: bool) -> None:
         """Every val_every steps and at the end (rank 0): validation mAP, logged; a new best
@@ -550,7 +614,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise", type=float, help=f"fraction of each concept set from other classes (default {d.noise})")
     g.add_argument("--polysemy", type=float, help=f"probability of a two-class concept (default {d.polysemy})")
     g = p.add_argument_group("model")
-    g.add_argument("--scorer", choices=SCORER_NAMES, help=f"scorer trained end-to-end (default {d.scorer})")
+    g.add_argument("--objective", choices=OBJECTIVES,
+                   help=f"histogram: the scorer's histogram loss (FT); classify: a softmax classifier of the training "
+                        f"classes, whose head is dropped afterwards (PL) (default {d.objective})")
+    g.add_argument("--scorer", choices=SCORER_NAMES,
+                   help=f"scorer trained end-to-end; with --objective classify, the scorer of the validation mAP "
+                        f"(default {d.scorer})")
     g.add_argument("--dim", type=int, help=f"descriptor size (default {d.dim})")
     g.add_argument("--width", type=int, help=f"CNN channels (default {d.width})")
     g.add_argument("--depth", type=int, help=f"CNN blocks (default {d.depth})")

@@ -19,15 +19,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """Two tiny trained runs: S2M-GMM2 and AVG-FT."""
+    """Three tiny trained runs: S2M-GMM2, AVG-FT and a PL classifier (validated with AVG)."""
     root = tmp_path_factory.mktemp("eval")
     paths = {}
-    for scorer in ("gmm2", "avg"):
+    for name, scorer, objective in (("gmm2", "gmm2", "histogram"), ("avg", "avg", "histogram"), ("pl", "avg", "classify")):
         cfg = TrainConfig(data="glyphs", train_classes=20, val_classes=5, test_classes=8, per_class=20, tuples=4,
                           width=8, depth=2, dim=8, steps=3, val_every=1000, threads=1, progress=False,
-                          scorer=scorer, out=str(root / scorer))
+                          scorer=scorer, objective=objective, out=str(root / name))
         train(cfg)
-        paths[scorer] = root / scorer / "last.pt"
+        paths[name] = root / name / "last.pt"
     return paths
 
 
@@ -176,8 +176,14 @@ def test_eval_on_a_checkpoint_of_another_model_fails_clearly(tmp_path, checkpoin
 
 def test_eval_rejects_bad_options(tmp_path, checkpoints, capsys):
     with pytest.raises(SystemExit):
-        main([str(checkpoints["avg"]), "--scorers", "svm"])
-    assert "unknown scorer 'svm'" in capsys.readouterr().err
+        main([str(checkpoints["avg"]), "--scorers", "svr"])
+    assert "unknown scorer 'svr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(checkpoints["avg"]), "--scorers", "svm", "--svm-negatives", "0"])
+    assert "--svm-negatives must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(checkpoints["avg"]), "--scorers", "svm", "--svm-negatives", "100000"])
+    assert "--svm-negatives must be an int in [1, 400]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(checkpoints["avg"]), "--data-root", str(tmp_path)])
     assert "--data-root applies to Omniglot" in capsys.readouterr().err
@@ -250,3 +256,42 @@ def test_eval_polysemy_by_hand(tmp_path, checkpoints, capsys):
         relevant = ((test.labels[outside] == c) | (test.labels[outside] == partners[c])).numpy()
         aps.append(sklearn.average_precision_score(relevant, scores[c, outside].double().numpy()))
     assert result["rows"][0]["noise"]["0.0"]["map"] == pytest.approx(sum(aps) / len(aps), abs=1e-12)
+
+
+def test_eval_pl_checkpoint_with_every_baseline_and_the_svm_by_hand(tmp_path, checkpoints, capsys):
+    out_json = tmp_path / "pl.json"
+    code = main([f"{checkpoints['pl']}", f"AVG-FT={checkpoints['avg']}", "--scorers", "avg", "nn", "svm", "gauss",
+                 "gmm2", "--noise", "0", "--seeds", "1", "--svm-negatives", "50", "--json", str(out_json),
+                 "--threads", "1"])
+    assert code == 0
+    table = capsys.readouterr().out
+    labels = ["PL-AVG", "PL-NN", "PL-SVM", "PL-Gauss", "PL-GMM2", "AVG-FT", "NN on AVG-FT", "SVM on AVG-FT",
+              "Gauss on AVG-FT", "GMM2 on AVG-FT"]
+    for label in labels:
+        assert f"| {label} " in table
+    result = json.loads(out_json.read_text())
+    assert [r["label"] for r in result["rows"]] == labels
+    for row in result["rows"]:
+        assert 0.0 < row["noise"]["0.0"]["map"] <= 1.0
+    # PL-SVM again by hand: 50 training images drawn by the documented seed are the negatives.
+    from s2m_ext.data import make_glyphs
+    from s2m_ext.data.base import mix_seed
+    from s2m_ext.eval import NEGATIVES_SEED
+    from s2m_ext.nn import SVMScorer
+
+    model = model_from_checkpoint(load_checkpoint(checkpoints["pl"])).eval()
+    train_data, test = make_glyphs("train", 20, 20, 0), make_glyphs("test", 8, 20, 0)
+    picked = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(NEGATIVES_SEED))[:50]
+    scorer = SVMScorer(embed_all(model, train_data.images[picked]))
+    concepts = sample_concepts(test.labels, 10, 0.0, torch.Generator().manual_seed(mix_seed(0, 0)))
+    ap = retrieval_ap(retrieval_scores(scorer, embed_all(model, test.images), concepts), test.labels, concepts)
+    assert result["rows"][2]["noise"]["0.0"]["map"] == pytest.approx(float(ap.mean()), abs=1e-12)
+
+
+def test_eval_fewshot_takes_the_svm_scorer(tmp_path, checkpoints, capsys):
+    code = main([f"{checkpoints['pl']}", "--scorers", "svm", "--fewshot", "--ways", "2", "--shots", "1",
+                 "--episodes", "2", "--queries-per-class", "2", "--svm-negatives", "30", "--threads", "1",
+                 "--json", str(tmp_path / "f.json")])
+    assert code == 0 and "PL-SVM" in capsys.readouterr().out
+    (row,) = json.loads((tmp_path / "f.json").read_text())["fewshot"]
+    assert row["label"] == "PL-SVM" and all(0.0 <= a <= 1.0 for a in row["settings"]["2-way 1-shot"]["raw"][0])

@@ -111,7 +111,9 @@ def test_make_scorer_names():
     assert make_scorer("gauss").n_components == 1 and make_scorer("gmm4").n_components == 4
     assert isinstance(make_scorer("avg"), AvgScorer) and isinstance(make_scorer("nn"), NNScorer)
     assert [display_name(n) for n in ("gauss", "gmm2", "avg", "nn")] == ["S2M-Gauss", "S2M-GMM2", "AVG-FT", "NN-FT"]
-    with pytest.raises(ValueError, match="unknown scorer 'svm'"):
+    with pytest.raises(ValueError, match="unknown scorer 'svr'"):
+        make_scorer("svr")
+    with pytest.raises(ValueError, match="scorer 'svm' needs negatives"):
         make_scorer("svm")
     with pytest.raises(ValueError, match="var_floor"):
         GMMScorer(1, var_floor=0.0)

@@ -207,3 +207,54 @@ def test_default_threads_stay_within_the_cores():
     cores = os.cpu_count() or 1
     assert 1 <= default_threads() <= cores
     assert default_threads(processes=4 * cores) == 1  # never 0, however many processes share the cores
+
+
+def _train_cross_entropy(model, head, cfg: TrainConfig) -> float:
+    """Cross-entropy of the classifier on all training images."""
+    data = make_glyphs("train", cfg.train_classes, cfg.per_class, cfg.data_seed)
+    with torch.no_grad():
+        logits = head(model.embed(data.images.to(getattr(torch, cfg.dtype)) / 255.0))
+    return float(torch.nn.functional.cross_entropy(logits, data.labels))
+
+
+def test_pl_classifier_training_lowers_the_cross_entropy_and_resumes_exactly(tmp_path):
+    from s2m_ext.train import Classifier
+
+    pl = dict(objective="classify", scorer="avg", steps=100, lr=1e-2, checkpoint_every=40, tuples=2, train_classes=6,
+              width=16)
+    cfg = tiny(tmp_path, "pl", **pl)
+    torch.manual_seed(cfg.seed)  # the initial weights train() starts from: embedding, then head
+    initial = build_model("avg", model_spec(cfg)["embedding"])
+    initial_head = Classifier(initial, cfg.train_classes).head
+    before = _train_cross_entropy(initial, initial_head, cfg)
+    straight = train(cfg)
+    saved = load_checkpoint(tmp_path / "pl" / "last.pt")
+    assert saved["model"]["objective"] == "classify" and saved["step"] == 100
+    head = torch.nn.Linear(cfg.dim, cfg.train_classes)
+    head.load_state_dict(saved["head"])
+    after = _train_cross_entropy(model_from_checkpoint(saved), head, cfg)
+    # ln(6) = 1.79 at chance; 100 Adam steps on 6 glyph classes get well below it (to ~0.6).
+    assert after < 0.8 * before, (before, after)
+    # The head is not part of the model: the checkpoint rebuilds an AVG model on the embedding.
+    assert not any(k.startswith("head.") for k in saved["state_dict"]) and "embed.head.weight" in saved["state_dict"]
+    # Killed after step 50: the checkpoint of step 40 is resumed, and the run ends where the straight one did.
+    cut = tiny(tmp_path, "pl_cut", **pl)
+    assert train(cut, stop_after=50)["interrupted"]
+    assert load_checkpoint(tmp_path / "pl_cut" / "last.pt")["step"] == 40
+    resumed = train(replace(cut, resume="auto"), explicit=["resume", "out"])
+    assert resumed["history"] == straight["history"]
+    final = load_checkpoint(tmp_path / "pl_cut" / "last.pt")
+    for key, value in saved["state_dict"].items():
+        assert torch.equal(value, final["state_dict"][key]), key
+    for key, value in saved["head"].items():
+        assert torch.equal(value, final["head"][key]), key
+    with pytest.raises(ValueError, match="--objective 'histogram' \\(the run used 'classify'\\)"):
+        train(replace(cut, resume="auto", objective="histogram"), explicit=["resume", "out", "objective"])
+
+
+def test_cli_refuses_an_unknown_objective(capsys):
+    with pytest.raises(SystemExit):
+        main(["--objective", "regress"])
+    assert "--objective" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="^--objective must be one of"):
+        train(TrainConfig(objective="regress", progress=False))

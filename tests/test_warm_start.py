@@ -139,3 +139,5 @@ def test_warm_started_training_resumes_exactly_and_logs_its_fits(tmp_path):
     assert end["warm_fits"] + end["fresh_fits"] == 7 * 4 and end["cached_concepts"] <= 6
     with pytest.raises(ValueError, match="--warm-start needs a mixture scorer"):
         train(tiny(tmp_path, "gauss", scorer="gauss", warm_start=True))
+    with pytest.raises(ValueError, match="--objective classify fits none"):
+        train(tiny(tmp_path, "pl", scorer="gmm2", objective="classify", warm_start=True))

@@ -13,7 +13,7 @@ from .embedding import ConvEmbedding
 from .loss import HistogramLoss, histogram_loss
 from .model import AvgModel, ConceptModel, NNModel, Set2Model, build_model, model_from_spec
 from .retrieval import average_precision, retrieval_scores
-from .scorers import SCORER_NAMES, AvgScorer, GMMScorer, NNScorer, SetScorer, display_name, make_scorer
+from .scorers import SCORER_NAMES, AvgScorer, GMMScorer, NNScorer, SetScorer, SVMScorer, display_name, make_scorer
 from .warm_start import WarmStartCache
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "SCORER_NAMES",
     "Set2Model",
     "SetScorer",
+    "SVMScorer",
     "WarmStartCache",
     "average_precision",
     "build_model",

@@ -25,8 +25,8 @@ from ..gmm import DiagGMM, fit_gmm
 from ..implicit import ImplicitBackward
 
 __all__ = [
-    "SetScorer", "GMMScorer", "AvgScorer", "NNScorer", "make_scorer", "SCORER_NAMES", "display_name",
-    "MixtureDefaults", "MIXTURE_DEFAULTS",
+    "SetScorer", "GMMScorer", "AvgScorer", "NNScorer", "SVMScorer", "make_scorer", "SCORER_NAMES",
+    "EVAL_SCORER_NAMES", "display_name", "short_name", "MixtureDefaults", "MIXTURE_DEFAULTS", "SVM_DEFAULTS",
 ]
 
 Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
@@ -57,8 +57,12 @@ class MixtureDefaults:
 
 MIXTURE_DEFAULTS = MixtureDefaults()
 
-#: Scorer names accepted by :func:`make_scorer` and the command-line programs.
+#: Scorers that can be trained end to end (``s2m-train --scorer``).
 SCORER_NAMES = ("gauss", "gmm2", "gmm3", "gmm4", "avg", "nn")
+
+#: Scorers accepted by :func:`make_scorer` and ``s2m-eval --scorers``: the trainable ones and
+#: the evaluation-time one-vs-rest linear SVM (:class:`SVMScorer`).
+EVAL_SCORER_NAMES = SCORER_NAMES + ("svm",)
 
 
 def _check_desc(desc: Tensor, mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -240,16 +244,136 @@ class NNScorer(SetScorer):
         return self._max(torch.einsum("bnd,md->bnm", desc, pool), mask)
 
 
+@dataclass(frozen=True)
+class SVMDefaults:
+    """The defaults of :class:`SVMScorer`, the one place they are written.
+
+    C: the weight of the squared-hinge losses against ``0.5 ||w||^2`` (LinearSVC's ``C``).
+    n_negatives: random descriptors of training images used as the negatives of every set.
+    n_iter: Newton steps of the primal fit (the objective is piecewise quadratic: on
+    descriptor sets of a few hundred items it is solved to rounding in well under 30).
+    """
+
+    C: float = 1.0
+    n_negatives: int = 200
+    n_iter: int = 30
+
+
+SVM_DEFAULTS = SVMDefaults()
+
+
+class SVMScorer(SetScorer):
+    """SVM: a one-vs-rest linear SVM per concept set (the paper's SVM baseline). The set's
+    descriptors are the positives, the fixed ``negatives`` (random descriptors of training
+    images of other classes) the negatives; an item is scored by the decision value
+    ``w . z + b``.
+
+    Each set's SVM minimises LinearSVC's primal objective (``loss="squared_hinge"``,
+    ``penalty="l2"``, ``intercept_scaling=1``, whose intercept is regularised like a weight)::
+
+        0.5 * (||w||^2 + b^2) + C * sum_i max(0, 1 - y_i (w . x_i + b))^2
+
+    with ``y = +1`` for the set's items and ``-1`` for the negatives. It is strictly convex
+    with a piecewise-quadratic objective, solved by ``n_iter`` generalised Newton steps (the
+    Hessian of the items that violate their margin) with a backtracking line search, all B
+    sets at once and deterministically (no random draw). It is an evaluation-time scorer on
+    fixed descriptors: the fit runs without autograd and the state carries no gradient.
+
+    Args:
+        negatives: (M, D) negative descriptors, M >= 1, finite, shared by every set.
+        C: > 0 (default :data:`SVM_DEFAULTS`.C = 1).
+        n_iter: Newton steps, >= 1 (default 30).
+
+    ``fit(desc (B, N, D), mask (B, N) or None) -> (w (B, D), b (B,))``;
+    ``score(state, (B, Q, D)) -> (B, Q)``; ``score_pool(state, (P, D)) -> (B, P)``.
+    """
+
+    name = "svm"
+
+    def __init__(self, negatives: Tensor, C: float = SVM_DEFAULTS.C, n_iter: int = SVM_DEFAULTS.n_iter) -> None:
+        super().__init__()
+        if not isinstance(negatives, Tensor) or negatives.dim() != 2 or negatives.shape[0] < 1 or negatives.shape[1] < 1:
+            raise ValueError(f"negatives must be an (M, D) tensor with M, D >= 1, got {getattr(negatives, 'shape', type(negatives))}")
+        if not negatives.is_floating_point():
+            raise ValueError(f"negatives must be floating point, got {negatives.dtype}")
+        if not bool(torch.isfinite(negatives).all()):
+            raise ValueError("negatives must be finite")
+        if isinstance(C, bool) or not isinstance(C, (int, float)) or not (0 < C < math.inf):
+            raise ValueError(f"C must be a number > 0 and finite, got {C!r}")
+        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+            raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+        self.negatives = negatives.detach()
+        self.C = float(C)
+        self.n_iter = n_iter
+
+    def _objective(self, theta: Tensor, xa: Tensor, y: Tensor, weight: Tensor) -> Tensor:
+        """Primal objective per set: theta (B, ..., D+1), xa (B, N, D+1) -> (B, ...)."""
+        margins = torch.einsum("bnd,b...d->b...n", xa, theta)
+        extra = theta.dim() - 2
+        y_, w_ = (t.reshape(t.shape[0], *([1] * extra), t.shape[1]) for t in (y, weight))
+        slack = (1 - y_ * margins).clamp_min(0)
+        return 0.5 * theta.square().sum(-1) + self.C * (w_ * slack.square()).sum(-1)
+
+    @torch.no_grad()
+    def fit(self, desc: Tensor, mask: Optional[Tensor] = None, generators: Generators = None) -> Tuple[Tensor, Tensor]:
+        mask = _check_desc(desc, mask)
+        batch, n_pos, dims = desc.shape
+        if self.negatives.shape[1] != dims:
+            raise ValueError(f"negatives have D = {self.negatives.shape[1]}, the concept descriptors D = {dims}")
+        neg = self.negatives.to(desc.device, desc.dtype)
+        n_neg = neg.shape[0]
+        x = torch.cat([desc.detach(), neg.expand(batch, n_neg, dims)], 1)
+        xa = torch.cat([x, x.new_ones(batch, x.shape[1], 1)], -1)  # the intercept's constant feature
+        y = torch.cat([desc.new_ones(batch, n_pos), desc.new_full((batch, n_neg), -1.0)], 1)
+        weight = torch.ones_like(y)
+        if mask is not None:
+            weight[:, :n_pos] = mask.to(desc.dtype)
+        theta = desc.new_zeros(batch, dims + 1)
+        eye = torch.eye(dims + 1, dtype=desc.dtype, device=desc.device)
+        steps = 0.5 ** torch.arange(20, dtype=desc.dtype, device=desc.device)  # 1, 1/2, ..., 2^-19
+        for _ in range(self.n_iter):
+            margins = torch.einsum("bnd,bd->bn", xa, theta)
+            slack = (1 - y * margins).clamp_min(0)
+            active = weight * (slack > 0).to(desc.dtype)
+            grad = theta - 2 * self.C * torch.einsum("bn,bnd->bd", weight * y * slack, xa)
+            hess = eye + 2 * self.C * torch.einsum("bn,bnd,bne->bde", active, xa, xa)
+            direction = -torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)  # hess >= I: always solvable
+            # Armijo backtracking: the largest step of 1, 1/2, ... that decreases enough (step
+            # 0 when none does, i.e. at the optimum to rounding).
+            current = self._objective(theta, xa, y, weight)
+            trial = self._objective(theta.unsqueeze(1) + steps.view(1, -1, 1) * direction.unsqueeze(1), xa, y, weight)
+            slope = (grad * direction).sum(-1)
+            ok = trial <= current.unsqueeze(1) + 1e-4 * steps.unsqueeze(0) * slope.unsqueeze(1)
+            first = torch.where(ok.any(1), ok.to(torch.int64).argmax(1), steps.numel())
+            step = torch.cat([steps, steps.new_zeros(1)])[first]
+            theta = theta + step.unsqueeze(1) * direction
+        return theta[:, :dims], theta[:, dims]
+
+    def score(self, state: Tuple[Tensor, Tensor], queries: Tensor) -> Tensor:
+        w, b = state
+        return torch.einsum("bqd,bd->bq", queries, w) + b.unsqueeze(1)
+
+    def score_pool(self, state: Tuple[Tensor, Tensor], pool: Tensor) -> Tensor:
+        w, b = state
+        return w @ pool.transpose(0, 1) + b.unsqueeze(1)
+
+    def extra_repr(self) -> str:
+        return f"n_negatives={self.negatives.shape[0]}, C={self.C}, n_iter={self.n_iter}"
+
+
 def make_scorer(
     name: str,
     n_iter: int = MIXTURE_DEFAULTS.n_iter,
     var_floor: float = MIXTURE_DEFAULTS.var_floor,
     tol: float = MIXTURE_DEFAULTS.tol,
     backward: Union[str, ImplicitBackward] = MIXTURE_DEFAULTS.backward,
+    negatives: Optional[Tensor] = None,
+    svm_c: float = SVM_DEFAULTS.C,
 ) -> SetScorer:
     """A scorer by name: ``gauss`` (S2M-Gauss), ``gmm2``..``gmm4`` (S2M-GMMk, or any
-    ``gmm<K>``), ``avg`` or ``nn``. ``n_iter``, ``var_floor``, ``tol`` and ``backward`` apply
-    to the mixtures (see :class:`GMMScorer`)."""
+    ``gmm<K>``), ``avg``, ``nn`` or ``svm``. ``n_iter``, ``var_floor``, ``tol`` and
+    ``backward`` apply to the mixtures (see :class:`GMMScorer`); ``negatives`` (M, D), which
+    ``svm`` requires, and ``svm_c`` to the SVM (see :class:`SVMScorer`)."""
     if name == "gauss":
         return GMMScorer(1, n_iter, var_floor, tol=tol, backward=backward)
     match = re.fullmatch(r"gmm([1-9][0-9]*)", name)
@@ -259,7 +383,16 @@ def make_scorer(
         return AvgScorer()
     if name == "nn":
         return NNScorer()
-    raise ValueError(f"unknown scorer {name!r}: expected one of {', '.join(SCORER_NAMES)} (or gmm<K>)")
+    if name == "svm":
+        if negatives is None:
+            raise ValueError("scorer 'svm' needs negatives: an (M, D) tensor of descriptors of other classes' images")
+        return SVMScorer(negatives, svm_c)
+    raise ValueError(f"unknown scorer {name!r}: expected one of {', '.join(EVAL_SCORER_NAMES)} (or gmm<K>)")
+
+
+def short_name(name: str) -> str:
+    """A scorer's name in tables: Gauss, GMM2, AVG, NN, SVM."""
+    return "Gauss" if name == "gauss" else name.upper()
 
 
 def display_name(name: str) -> str:
