@@ -335,6 +335,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t comp = (b * K + k) * D;
   T* sp = S + c * plan.dpad * plan.ncol + col;
   T* msp = MS + c * plan.dpad * plan.ncol + col;
+  // LN before the d loop, so no value waits for after it: double division and square root in
+  // the loop call slow-path subroutines, and a value kept across them took a stack slot.
+  if (valid) {
+    const T sum_log = warp_ordered_sum<T>(D, [&](int d) { return std::log(var[comp + d]); });
+    if (lane() == 0) LN[c * plan.ncol + col] = component_log_norm(lw[b * K + k], sum_log, int64_t(D));
+  } else if (lane() == 0) {
+    LN[c * plan.ncol + col] = neg_inf<T>();
+  }
   for (int d = lane(); d < plan.dpad; d += kWarpSize) {
     T s = T(0), ms = T(0);
     if (valid && d < D) {
@@ -343,12 +351,6 @@ __global__ void __launch_bounds__(kThreads)
     }
     sp[int64_t(d) * plan.ncol] = s;
     msp[int64_t(d) * plan.ncol] = ms;
-  }
-  if (valid) {
-    const T sum_log = warp_ordered_sum<T>(D, [&](int d) { return std::log(var[comp + d]); });
-    if (lane() == 0) LN[c * plan.ncol + col] = component_log_norm(lw[b * K + k], sum_log, int64_t(D));
-  } else if (lane() == 0) {
-    LN[c * plan.ncol + col] = neg_inf<T>();
   }
 }
 
