@@ -267,11 +267,14 @@ constexpr int kPoolBD = 8;
 
 template <typename T>
 struct PoolTile {
-  static constexpr int TM = sizeof(T) == 4 ? 8 : 4;  // rows per thread (registers: TM x 8 acc)
+  // Rows per thread (registers: TM x 8 accumulators). float: 6, not 8, so that the tile, its
+  // pipelined loads and the kernel's indices fit 128 registers without spilling.
+  static constexpr int TM = sizeof(T) == 4 ? 6 : 4;
   static constexpr int BM = 16 * TM;
   static constexpr int BMP = BM + 4;                  // padded row of the transposed z tile
   static constexpr int ZPT = BM * kPoolBD / kThreads; // z elements each thread loads per step
   static constexpr size_t smem = size_t(kPoolBD * BMP + 2 * kPoolBD * kPoolBN) * sizeof(T);
+  static_assert(BM * kPoolBD % kThreads == 0 && kThreads % kPoolBD == 0, "z tile load mapping");
 };
 
 // Columns: component k = c * kc + j of mixture b is column b * kc + j of chunk c.
@@ -332,6 +335,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t comp = (b * K + k) * D;
   T* sp = S + c * plan.dpad * plan.ncol + col;
   T* msp = MS + c * plan.dpad * plan.ncol + col;
+  // LN before the d loop, so no value waits for after it: double division and square root in
+  // the loop call slow-path subroutines, and a value kept across them took a stack slot.
+  if (valid) {
+    const T sum_log = warp_ordered_sum<T>(D, [&](int d) { return std::log(var[comp + d]); });
+    if (lane() == 0) LN[c * plan.ncol + col] = component_log_norm(lw[b * K + k], sum_log, int64_t(D));
+  } else if (lane() == 0) {
+    LN[c * plan.ncol + col] = neg_inf<T>();
+  }
   for (int d = lane(); d < plan.dpad; d += kWarpSize) {
     T s = T(0), ms = T(0);
     if (valid && d < D) {
@@ -340,12 +351,6 @@ __global__ void __launch_bounds__(kThreads)
     }
     sp[int64_t(d) * plan.ncol] = s;
     msp[int64_t(d) * plan.ncol] = ms;
-  }
-  if (valid) {
-    const T sum_log = warp_ordered_sum<T>(D, [&](int d) { return std::log(var[comp + d]); });
-    if (lane() == 0) LN[c * plan.ncol + col] = component_log_norm(lw[b * K + k], sum_log, int64_t(D));
-  } else if (lane() == 0) {
-    LN[c * plan.ncol + col] = neg_inf<T>();
   }
 }
 
@@ -369,26 +374,30 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
   using Tile = PoolTile<T>;
   constexpr int TM = Tile::TM, BM = Tile::BM, BMP = Tile::BMP, ZPT = Tile::ZPT;
   constexpr int BD = kPoolBD, BN = kPoolBN, kModels = 8 / KC;
-  constexpr int kZCols = BD / ZPT;  // threads per z row in the tile load
+  constexpr int kZRows = kThreads / BD;  // z rows per thread's load element
+  // Widest aligned piece of a thread's TM tile rows (float TM = 6: 8-byte pieces).
+  constexpr int kZPiece = TM % max_vec<T>() == 0 ? max_vec<T>() : (TM % 2 == 0 ? 2 : 1);
   S2M_DYNAMIC_SHARED(smem);
   T* zs = reinterpret_cast<T*>(smem);  // [BD][BMP] z tile, transposed, centred
   T* ss = zs + BD * BMP;                // [BD][BN] 1/sqrt(v), columns permuted (below)
   T* mss = ss + BD * BN;                // [BD][BN] -(mu - c)/sqrt(v)
   const int tid = int(threadIdx.x), tx = tid % 16, ty = tid / 16;
   const PoolPlan& plan = a.plan;
-  const int64_t col0 = int64_t(blockIdx.x) * BN;
-  // Tile loads: each thread copies 4 columns of one S/MS row and ZPT dims of one z row.
+  const int col0 = int(blockIdx.x) * BN;  // ncol < 2^31 (run_score_pool)
+  // Tile loads: each thread copies 4 columns of one S/MS row and dim z_col of ZPT z rows
+  // (z_row + e kZRows): a warp reads 4 rows of 8 consecutive dims.
   const int s_row = tid / 32, s_col = (tid % 32) * 4;
   // Thread tx owns logical columns tx*8 .. tx*8+7, stored at tx*4 .. +3 and 64 + tx*4 .. +3 so
   // that a quarter-warp's 16-byte reads hit distinct banks.
   const int s_dst = (s_col % 8 == 0) ? (s_col / 8) * 4 : 64 + (s_col / 8) * 4;
-  const int z_row = tid / kZCols, z_col = (tid % kZCols) * ZPT;
+  const int z_row = tid / BD, z_col = tid % BD;
 
   for (int64_t rb = blockIdx.y; rb * BM < a.M; rb += gridDim.y) {
     const int64_t m0 = rb * BM;
-    const int64_t zm = m0 + z_row;
-    T run_m[TM], run_s[TM];  // running logsumexp over chunks (KC == 8 only)
-    for (int c = 0; c < plan.chunks; ++c) {
+    const T* zrow = a.z + (m0 + z_row) * a.D;  // this thread's first z row of the tile load
+    const int64_t z_rows_left = a.M - m0 - z_row;
+    const int chunks = KC < 8 ? 1 : plan.chunks;  // K <= KC < 8: one chunk
+    for (int c = 0; c < chunks; ++c) {
       const T* S = a.S + int64_t(c) * plan.dpad * plan.ncol + col0;
       const T* MS = a.MS + int64_t(c) * plan.dpad * plan.ncol + col0;
       T acc[TM][8];
@@ -398,17 +407,17 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
         for (int j = 0; j < 8; ++j) acc[i][j] = T(0);
       T zpf[ZPT], spf[4], mspf[4];
       auto load_step = [&](int d0) {
+        const int d = d0 + z_col;
+        const T cd = d < a.D ? a.center[d] : T(0);
 #pragma unroll
-        for (int e = 0; e < ZPT; ++e) {
-          const int d = d0 + z_col + e;
-          zpf[e] = (zm < a.M && d < a.D) ? a.z[zm * a.D + d] - a.center[d] : T(0);
-        }
+        for (int e = 0; e < ZPT; ++e)
+          zpf[e] = (e * kZRows < z_rows_left && d < a.D) ? zrow[int64_t(e * kZRows) * a.D + d] - cd : T(0);
         load_elems<T, 4>(S + int64_t(d0 + s_row) * plan.ncol + s_col, spf);
         load_elems<T, 4>(MS + int64_t(d0 + s_row) * plan.ncol + s_col, mspf);
       };
       auto store_step = [&]() {
 #pragma unroll
-        for (int e = 0; e < ZPT; ++e) zs[(z_col + e) * BMP + z_row] = zpf[e];
+        for (int e = 0; e < ZPT; ++e) zs[z_col * BMP + z_row + e * kZRows] = zpf[e];
         store_elems<T, 4>(ss + s_row * BN + s_dst, spf);
         store_elems<T, 4>(mss + s_row * BN + s_dst, mspf);
       };
@@ -421,7 +430,8 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
 #pragma unroll
         for (int dd = 0; dd < BD; ++dd) {
           T zr[TM], sv[8], mv[8];
-          load_elems<T, TM>(zs + dd * BMP + ty * TM, zr);
+#pragma unroll
+          for (int i = 0; i < TM; i += kZPiece) load_elems<T, kZPiece>(zs + dd * BMP + ty * TM + i, zr + i);
           load_elems<T, 4>(ss + dd * BN + tx * 4, sv);
           load_elems<T, 4>(ss + dd * BN + 64 + tx * 4, sv + 4);
           load_elems<T, 4>(mss + dd * BN + tx * 4, mv);
@@ -463,17 +473,19 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 1)
           if (KC < 8) {  // K <= KC: one chunk
             if (b < a.B && m < a.M) a.out[b * a.M + m] = lm + std::log(ls);
           } else {
-            if (c == 0) {
-              run_m[i] = lm;
-              run_s[i] = ls;
-            } else {
-              const T mx = lm > run_m[i] ? lm : run_m[i];
-              run_s[i] = run_s[i] * std::exp(shifted_log_density(run_m[i], mx)) +
-                         ls * std::exp(shifted_log_density(lm, mx));
-              run_m[i] = mx;
+            // The running logsumexp over chunks lives in out (this thread wrote it for the
+            // previous chunk): no registers held across the d loop, 8 bytes per (row, mixture)
+            // and chunk against 2 * 8 * D FMAs.
+            if (b < a.B && m < a.M) {
+              T r = lm + std::log(ls);
+              if (c > 0) {
+                const T prev = a.out[b * a.M + m];
+                const T mx = lm > prev ? lm : prev;
+                r = mx + std::log(std::exp(shifted_log_density(prev, mx)) +
+                                  ls * std::exp(shifted_log_density(lm, mx)));
+              }
+              a.out[b * a.M + m] = r;
             }
-            if (c == plan.chunks - 1 && b < a.B && m < a.M)
-              a.out[b * a.M + m] = run_m[i] + std::log(run_s[i]);
           }
         }
       }
@@ -487,6 +499,7 @@ cudaError_t run_score_pool(const T* z, int64_t M, const MixtureArgs<T>& mix, T* 
   const int64_t B = mix.B, K = mix.K, D = mix.D;
   if (M == 0 || B == 0) return cudaSuccess;
   const PoolPlan plan = pool_plan(B, K, D);
+  if (plan.ncol > INT32_MAX) return cudaErrorInvalidValue;  // 32-bit column index in the kernel
   const PoolPlanes o = pool_planes(plan, D);
   T* center = ws + o.center;
   S2M_LAUNCH(pool_center_kernel<T>, dim3(unsigned((D + kThreads - 1) / kThreads)), dim3(kThreads),

@@ -474,13 +474,16 @@ void run_score_tests() {
   paired_case<double>(2, 300, 1, 16, 2);
   paired_case<float>(3, 37, 3, 5, 3);
   paired_case<float>(2, 70, 5, 33, 4);
-  // K = 1, 2, 3 (one chunk of 4), 5 (one chunk of 8), 11 (two chunks of 8); D not a multiple of 8.
+  // K = 1, 2, 3 (one chunk of 4), 5 (one chunk of 8), 11 (two chunks of 8); D not a multiple of 8;
+  // M not a multiple of the row tile (double 64, float 96).
   pool_case<double>(5, 70, 2, 7, 10, true);
   pool_case<double>(37, 130, 11, 13, 11, true);
   pool_case<float>(37, 300, 3, 16, 12, true);
   pool_case<float>(3, 129, 1, 9, 13, true);
   pool_case<float>(20, 200, 5, 24, 14, false);
   pool_case<float>(9, 140, 4, 128, 15, false);
+  // float tile of 96 rows: one row past it; K = 11, two chunks of 8 (the running logsumexp).
+  pool_case<float>(7, 97, 11, 13, 16, true);
 }
 
 void run_kmeanspp_tests() {
