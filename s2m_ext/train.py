@@ -198,7 +198,7 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--lr-schedule must be cosine or constant, got {cfg.lr_schedule!r}")
     if cfg.warm_start and cfg.objective == "classify":
         raise ValueError("--warm-start warms the mixture fits of --objective histogram; --objective classify fits none")
-    if cfg.warm_start and (cfg.scorer == "gauss" or not cfg.scorer.startswith("gmm")):
+    if cfg.warm_start and not cfg.scorer.startswith("gmm"):
         raise ValueError(f"--warm-start needs a mixture scorer (gmm2, gmm3, ...), got --scorer {cfg.scorer}")
     if not (math.isfinite(cfg.warm_var_floor) and cfg.warm_var_floor > 0):
         raise ValueError(f"--warm-var-floor must be a finite number > 0, got {cfg.warm_var_floor}")

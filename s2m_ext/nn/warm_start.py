@@ -102,9 +102,9 @@ class WarmStartCache:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(batch, device=desc.device)
         merged = [torch.cat([getattr(g, name) for _, g in parts])[inverse] for name in ("log_weights", "means", "variances")]
-        with torch.no_grad():
-            for i, key in enumerate(key_list):
-                self._entries[key] = tuple(t[i].detach().clone() for t in merged)  # type: ignore[assignment]
+        cached_rows = zip(*(t.detach().clone().unbind(0) for t in merged))  # one copy a tensor, not a row
+        for key, entry in zip(key_list, cached_rows):
+            self._entries[key] = entry  # type: ignore[assignment]
         return DiagGMM(*merged)
 
     def state_dict(self) -> Dict[str, object]:
